@@ -1,0 +1,72 @@
+"""GF-Screen settings: defaults from METHOD.md, overridable per configuration in the plans file.
+
+A configuration's `gfscreen` block (e.g. in `3d_fullres_gfscreen`, which inherits from `3d_fullres`)
+overrides any of the fields below; unknown keys are refused so a typo never silently falls back
+to a default.
+"""
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
+
+PLANS_KEY = "gfscreen"
+
+
+@dataclass(frozen=True)
+class GFScreenSettings:
+    group_size: int = 16  # N sub-volumes per CT; the paper found N=4 much worse than 16
+    groups_per_step: int = 1  # CTs (groups) per training step
+    lesion_share: float = 0.33  # share of each group forced to contain lesion (nnU-Net's oversampling rate)
+    alpha: float = 0.1  # weight of the class-balanced CE term
+    beta: float = 0.01  # weight of the KL(pi || pi_ref) term
+    clip_eps: float = 0.1  # PPO-style ratio clip
+    glance_input_scale: float = 0.5  # the Glance reads the tile downsampled by this factor per axis
+    glance_lr: float = 3e-4  # AdamW, as in the paper
+    glance_weight_decay: float = 1e-2
+    threshold: float = 0.5  # gate threshold until calibration replaces it
+    target_tile_sensitivity: float = 0.98  # calibration target for the gate threshold
+
+    def __post_init__(self):
+        checks = {
+            "group_size": self.group_size >= 2,
+            "groups_per_step": self.groups_per_step >= 1,
+            "lesion_share": 0.0 <= self.lesion_share <= 1.0,
+            "alpha": self.alpha >= 0,
+            "beta": self.beta >= 0,
+            "clip_eps": 0 < self.clip_eps < 1,
+            "glance_input_scale": 0 < self.glance_input_scale <= 1,
+            "glance_lr": self.glance_lr > 0,
+            "glance_weight_decay": self.glance_weight_decay >= 0,
+            "threshold": 0 <= self.threshold <= 1,
+            "target_tile_sensitivity": 0 < self.target_tile_sensitivity <= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid GF-Screen settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
+                             f"(group_size >= 2 since a group of one has no relative advantage; shares and "
+                             f"probabilities in [0, 1]; clip_eps in (0, 1); scale in (0, 1])")
+
+    @classmethod
+    def from_dict(cls, overrides: Optional[Mapping[str, Any]]) -> "GFScreenSettings":
+        """Defaults updated with `overrides`; values are cast to the field's type."""
+        overrides = dict(overrides or {})
+        allowed = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown GF-Screen setting(s) {unknown}; allowed: {sorted(allowed)}")
+        cast = {}
+        for k, v in overrides.items():
+            typ = int if allowed[k] in (int, "int") else float
+            try:
+                cast[k] = typ(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"GF-Screen setting {k}={v!r} is not a valid {typ.__name__}") from None
+            if typ is int and cast[k] != float(v):
+                raise ValueError(f"GF-Screen setting {k}={v!r} must be an integer")
+        return cls(**cast)
+
+    @classmethod
+    def from_configuration(cls, configuration: Mapping[str, Any]) -> "GFScreenSettings":
+        """Settings of an nnU-Net configuration dict (`ConfigurationManager.configuration`)."""
+        return cls.from_dict(configuration.get(PLANS_KEY))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,14 @@
+"""GF-Screen trainers; `-tr NAME` finds every class exported here (see ext_trainer/)."""
+from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
+from nnunetv2_gfscreen.trainers.variants import (
+    GFScreenTrainer_BalancedCE,
+    GFScreenTrainer_Demo,
+    GFScreenTrainer_DiceReward,
+    GFScreenTrainer_Group4,
+    GFScreenTrainer_NoAlphaCE,
+    GFScreenTrainer_PlainCE,
+    GFScreenTrainer_Tiny,
+)
+
+__all__ = ["GFScreenTrainer", "GFScreenTrainer_BalancedCE", "GFScreenTrainer_Demo", "GFScreenTrainer_DiceReward",
+           "GFScreenTrainer_Group4", "GFScreenTrainer_NoAlphaCE", "GFScreenTrainer_PlainCE", "GFScreenTrainer_Tiny"]
