@@ -1,0 +1,64 @@
+"""A tiny synthetic nnU-Net dataset, planned and preprocessed by nnU-Net's own CLI, for the CPU tests.
+
+The planned 3d_fullres patch covers the whole small volume (NNUNET_NOTES: tiles only exist when the
+volume is larger than the patch), so the GF-Screen configuration gets a smaller patch and a narrow
+network, as a user would edit plans for a quick CPU run.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DATASET_ID = 990
+SHAPE = (32, 96, 96)
+PATCH = [16, 48, 48]
+# 4 stages, total stride (4, 8, 8): divides the patch; narrow enough to train on 2 CPU cores
+SMALL_ARCH_KWARGS = {
+    "n_stages": 4,
+    "features_per_stage": [8, 16, 32, 32],
+    "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+    "n_conv_per_stage": [2, 2, 2, 2],
+    "n_conv_per_stage_decoder": [2, 2, 2],
+}
+CONFIG = "3d_fullres_gfscreen"
+
+
+def nnunet_env(root: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}  # the install must provide it
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_compile="f", OMP_NUM_THREADS="2")
+    return env
+
+
+def training_env(env: dict) -> dict:
+    """Augmentation in-process (no worker pool): nnU-Net's planner cannot take nnUNet_n_proc_DA=0, training can."""
+    return {**env, "nnUNet_n_proc_DA": "0"}
+
+
+def run_cli(args, env, timeout=900) -> subprocess.CompletedProcess:
+    """Run an installed console script the way a user would; fail with its output if it fails."""
+    exe = Path(sys.executable).parent / args[0]
+    proc = subprocess.run([str(exe), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def make_planned_dataset(root: Path) -> dict:
+    env = nnunet_env(root)
+    run_cli(["nnUNetv2_gfscreen_make_dataset", "-d", str(DATASET_ID), "-ntr", "6", "-nts", "2",
+             "--shape", *map(str, SHAPE), "--seed", "0", "--healthy_fraction", "0.2", "-np", "2"], env)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env)
+    run_cli(["nnUNetv2_gfscreen_plan", "-d", str(DATASET_ID), "--set", "group_size=4"], env)
+    pre = root / "preprocessed"
+    plans_file = next(pre.glob(f"Dataset{DATASET_ID}_*")) / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    base = plans["configurations"]["3d_fullres"]
+    arch = json.loads(json.dumps(base["architecture"]))
+    arch["arch_kwargs"].update(SMALL_ARCH_KWARGS)
+    plans["configurations"][CONFIG].update(patch_size=PATCH, architecture=arch, batch_size=2)
+    plans_file.write_text(json.dumps(plans, indent=2))
+    return {"root": root, "env": env, "plans_file": plans_file, "dataset_folder": plans_file.parent,
+            "raw_folder": next((root / "raw").glob(f"Dataset{DATASET_ID}_*"))}

@@ -1,0 +1,96 @@
+"""End to end through the stock nnU-Net CLI: train the short GF-Screen variant on the CPU, then resume.
+
+No `nnUNet_extTrainer` is set in the environment of these commands: the install's .pth must provide it.
+"""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.nnunet_fixtures import CONFIG, DATASET_ID, run_cli, training_env
+
+TRAINER = "GFScreenTrainer_Tiny"
+
+
+def _fold(root):
+    results = root / "results"
+    return next(results.glob(f"Dataset{DATASET_ID}_*")) / f"{TRAINER}__nnUNetPlans__{CONFIG}" / "fold_0"
+
+
+def _train_until_first_checkpoint_then_kill(env, fold_of, timeout=600):
+    """Start training and kill it (SIGKILL, like a crash) once epoch 0's complete checkpoint exists."""
+    exe = Path(sys.executable).parent / "nnUNetv2_train"
+    proc = subprocess.Popen([str(exe), str(DATASET_ID), CONFIG, "0", "-tr", TRAINER, "-device", "cpu"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                latest = fold_of() / "checkpoint_latest.pth"
+                if latest.is_file() and "gfscreen" in _load(latest):
+                    break
+            except (StopIteration, EOFError, RuntimeError, OSError):
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
+    finally:
+        proc.kill()
+        out = proc.communicate()[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_fold(planned_dataset):
+    env = training_env(planned_dataset["env"])
+    fold_of = lambda: _fold(planned_dataset["root"])
+    first = _train_until_first_checkpoint_then_kill(env, fold_of)
+    fold = fold_of()
+    interrupted = _load(fold / "checkpoint_latest.pth")
+    assert not (fold / "checkpoint_final.pth").exists()
+    proc = run_cli(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
+    return {**planned_dataset, "fold": fold, "stdout": first + proc.stdout, "env": env, "interrupted": interrupted}
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_training_writes_glance_into_nnunet_checkpoint(trained_fold):
+    ckpt = _load(trained_fold["fold"] / "checkpoint_final.pth")
+    weights = ckpt["network_weights"]
+    assert ckpt["trainer_name"] == TRAINER
+    assert any(k.startswith("glance.") for k in weights) and any(k.startswith("focus.") for k in weights)
+    assert "threshold" in weights
+    extra = ckpt["gfscreen"]
+    assert extra["settings"]["group_size"] == 4
+    assert extra["glance_optimizer_state"]["state"], "the Glance optimiser never stepped"
+    assert set(extra["reference_glance"]) == {k[len("glance."):] for k in weights if k.startswith("glance.")}
+    # the Glance was trained: its weights moved away from the reference refreshed at the last epoch start
+    # or at least from a fresh initialisation, and every logged curve has one value per epoch
+    log = ckpt["logging"]
+    for key in ("grl_losses", "grl_clip", "grl_kl", "grl_ce", "mean_reward", "selection_ratio",
+                "glance_sensitivity", "glance_specificity", "seg_losses"):
+        assert len(log[key]) == 2, key
+    assert all(np.isfinite(log["grl_losses"])) and all(0 <= r <= 1 for r in log["mean_reward"])
+    assert (trained_fold["fold"] / "progress.png").is_file()
+    assert (trained_fold["fold"] / "validation" / "summary.json").is_file()
+
+
+def test_found_without_environment_variable(trained_fold):
+    assert "nnUNet_extTrainer" not in trained_fold["env"]
+    assert "Using trainer 'GFScreenTrainer_Tiny'" in trained_fold["stdout"]
+
+
+def test_continue_training_restores_glance_state(trained_fold):
+    interrupted, final = trained_fold["interrupted"], _load(trained_fold["fold"] / "checkpoint_final.pth")
+    assert interrupted["current_epoch"] == 1 and final["current_epoch"] == 2
+    assert len(final["logging"]["grl_losses"]) == 2
+    # the Glance optimiser continued from the saved state: 2 epochs x 2 iterations of AdamW steps in
+    # total (a fresh optimiser after --c would show 2)
+    steps = lambda ck: {float(s["step"]) for s in ck["gfscreen"]["glance_optimizer_state"]["state"].values()}
+    assert steps(interrupted) == {2.0}
+    assert steps(final) == {4.0}
