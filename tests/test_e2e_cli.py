@@ -2,6 +2,8 @@
 
 No `nnUNet_extTrainer` is set in the environment of these commands: the install's .pth must provide it.
 """
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -94,3 +96,42 @@ def test_continue_training_restores_glance_state(trained_fold):
     steps = lambda ck: {float(s["step"]) for s in ck["gfscreen"]["glance_optimizer_state"]["state"].values()}
     assert steps(interrupted) == {2.0}
     assert steps(final) == {4.0}
+
+
+def test_training_calibrates_the_gate_before_final_validation(trained_fold):
+    import json
+    fold = trained_fold["fold"]
+    stored = json.loads((fold / "gfscreen_calibration.json").read_text())["checkpoints"]["checkpoint_final.pth"]
+    final = _load(fold / "checkpoint_final.pth")
+    assert float(final["network_weights"]["threshold"]) == pytest.approx(stored["threshold"])
+    if stored["tiles_positive"]:
+        assert stored["tile_sensitivity"] >= stored["target_sensitivity"]
+
+
+def test_flare_predict_sh_writes_only_binary_masks(trained_fold, tmp_path):
+    import SimpleITK as sitk
+    repo = Path(__file__).resolve().parents[1]
+    images = sorted((trained_fold["raw_folder"] / "imagesTs").glob("*_0000.nii.gz"))
+    inputs, outputs = tmp_path / "inputs", tmp_path / "outputs"
+    inputs.mkdir()
+    for f in images:
+        shutil.copy(f, inputs / f.name)
+    env = {**trained_fold["env"], "GFSCREEN_TRAINER": TRAINER, "GFSCREEN_CONFIGURATION": CONFIG,
+           "GFSCREEN_DEVICE": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["sh", str(repo / "flare" / "predict.sh"), str(inputs), str(outputs)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = {f.name.replace("_0000.nii.gz", ".nii.gz") for f in images}
+    assert {p.name for p in outputs.iterdir()} == expected
+    for f in images:
+        mask = sitk.ReadImage(str(outputs / f.name.replace("_0000.nii.gz", ".nii.gz")))
+        image = sitk.ReadImage(str(f))
+        assert mask.GetSize() == image.GetSize() and np.allclose(mask.GetSpacing(), image.GetSpacing())
+        assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(["sh", str(repo / "flare" / "predict.sh"), str(empty), str(tmp_path / "out2")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no <case>_0000.nii.gz" in proc.stderr
+    assert not (tmp_path / "out2").exists()

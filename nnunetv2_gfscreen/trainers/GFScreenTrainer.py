@@ -31,6 +31,7 @@ from nnunetv2_gfscreen.glance import build_glance
 from nnunetv2_gfscreen.grl import balanced_bce, detection_reward, dice_reward, grl_loss
 from nnunetv2_gfscreen.network import GFScreenNetwork
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
+from nnunetv2_gfscreen.predictors.calibration import calibrate_trainer
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 
@@ -294,6 +295,13 @@ class GFScreenTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Glance on validation patches: sensitivity {get('glance_sensitivity')}, "
                                f"specificity {get('glance_specificity')}")
         super().on_epoch_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Calibrate the gate on the validation cases first, so the final validation (and the stored
+        checkpoints) use the calibrated threshold rather than the untuned 0.5."""
+        if self.local_rank == 0:
+            calibrate_trainer(self)
+        super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:

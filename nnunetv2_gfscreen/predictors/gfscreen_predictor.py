@@ -1,0 +1,283 @@
+"""GFScreenPredictor: nnU-Net's predictor with a Glance-gated sliding window.
+
+Only the sliding-window step differs from `nnUNetPredictor`: the Glance scores every tile first
+(batched, no mirroring, so a tile's decision never depends on a flip), then the Focus segments
+only the selected tiles (batched), with nnU-Net's Gaussian blending and mirroring TTA on those
+alone. Voxels that no selected tile covers get logits 0 (background after argmax), never 0/0.
+
+Reading/preprocessing (`preprocess_case`) and export (`export_case`) are separate methods so that
+GPU implementations can replace them without touching the gating.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch._dynamo import OptimizedModule
+
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.helpers import empty_cache
+
+from nnunetv2_gfscreen.gating import select_tiles
+from nnunetv2_gfscreen.network import GFScreenNetwork
+
+Box = List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
+
+
+class CaseInputError(ValueError):
+    """An input case that cannot be predicted (unreadable, wrong channel count, NaN/inf values)."""
+
+
+@dataclass
+class SlidingWindowRecord:
+    """What one gated sliding window did (one case, one fold's weights).
+
+    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped.
+    """
+    image_shape: Tuple[int, ...]
+    bboxes: List[Box] = field(default_factory=list)
+    scores: List[float] = field(default_factory=list)
+    selected: List[bool] = field(default_factory=list)
+    threshold: float = float("nan")
+    dense: bool = False
+    glance_seconds: float = 0.0
+    focus_seconds: float = 0.0
+
+    @property
+    def tiles_selected(self) -> int:
+        return int(sum(self.selected))
+
+
+def unwrap_gfscreen_network(network: torch.nn.Module) -> GFScreenNetwork:
+    """The GFScreenNetwork behind a (possibly torch.compile'd) module; TypeError for anything else."""
+    net = network._orig_mod if isinstance(network, OptimizedModule) else network
+    if not isinstance(net, GFScreenNetwork):
+        raise TypeError(f"GF-Screen gating needs a GFScreenNetwork (a model trained with GFScreenTrainer or a "
+                        f"variant), got {type(net).__name__}")
+    return net
+
+
+@torch.inference_mode()
+def score_tiles(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
+                device: torch.device) -> torch.Tensor:
+    """Glance p(select) for every tile. data: (C, *shape) (already padded); returns (len(slicers),) float32 on CPU.
+
+    Tiles are scored in batches of `batch_size`; the Glance normalises per tile (InstanceNorm), so a
+    score does not depend on which tiles share its batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    scores = []
+    for start in range(0, len(slicers), batch_size):
+        chunk = slicers[start:start + batch_size]
+        x = torch.stack([data[s] for s in chunk]).to(device, non_blocking=True)
+        scores.append(network.glance_probabilities(x).float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def nifti_nonfinite_count(path: str) -> int:
+    """NaN/inf voxels stored in a float NIfTI file (0 for other files and integer NIfTI).
+
+    SimpleITK's NIfTI reader returns NaN voxels as 0, so the reader's array cannot show them; integer
+    images (most CTs) cannot hold NaN and are not read a second time.
+    """
+    if not path.endswith(('.nii', '.nii.gz')):
+        return 0
+    import nibabel
+    img = nibabel.load(path)
+    if img.header.get_data_dtype().kind != 'f':
+        return 0
+    data = np.asanyarray(img.dataobj)
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
+class GFScreenPredictor(nnUNetPredictor):
+    """nnUNetPredictor whose sliding window runs the Focus on Glance-selected tiles only.
+
+    threshold: overrides the network's calibrated `threshold` buffer when not None.
+    dense: run every tile through the Focus (for comparison); the Glance still scores (and times) all tiles.
+    tile_batch_size: tiles per Focus forward pass; glance_batch_size: tiles per Glance pass.
+    After each sliding window, a `SlidingWindowRecord` is appended to `self.records`
+    (one per fold for an ensemble); `reset_records()` clears it between cases.
+    """
+
+    def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
+                 perform_everything_on_device: bool = True, device: torch.device = torch.device('cuda'),
+                 verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
+                 threshold: Optional[float] = None, dense: bool = False, tile_batch_size: int = 4,
+                 glance_batch_size: int = 8):
+        super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device, verbose,
+                         verbose_preprocessing, allow_tqdm)
+        if tile_batch_size < 1 or glance_batch_size < 1:
+            raise ValueError(f"tile_batch_size and glance_batch_size must be >= 1, got {tile_batch_size} and "
+                             f"{glance_batch_size}")
+        if threshold is not None and not np.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold}")
+        self.threshold = threshold
+        self.dense = dense
+        self.tile_batch_size = tile_batch_size
+        self.glance_batch_size = glance_batch_size
+        self.records: List[SlidingWindowRecord] = []
+        self._unpadded_shape: Optional[Tuple[int, ...]] = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def gfscreen_network(self) -> GFScreenNetwork:
+        return unwrap_gfscreen_network(self.network)
+
+    def reset_records(self) -> None:
+        self.records = []
+
+    def set_fold_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Write one threshold per loaded fold into its weights (`list_of_parameters[i]['threshold']`).
+
+        The per-fold weights are reloaded before each fold's sliding window, so this is where a
+        per-fold calibrated threshold has to go.
+        """
+        if len(thresholds) != len(self.list_of_parameters):
+            raise ValueError(f"got {len(thresholds)} thresholds for {len(self.list_of_parameters)} folds")
+        for params, t in zip(self.list_of_parameters, thresholds):
+            if "threshold" not in params:
+                raise KeyError("weights have no 'threshold' buffer: not a GFScreenNetwork checkpoint")
+            params["threshold"] = torch.tensor(float(t), dtype=params["threshold"].dtype)
+        self.gfscreen_network.threshold.fill_(float(thresholds[0]))
+
+    def _clock(self) -> float:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ------------------------------------------------------------------ sliding window
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's version (padding, autocast, OOM fallback); remembers the unpadded shape for the record."""
+        self.gfscreen_network  # fail early with a clear error for non-GF-Screen models
+        self._unpadded_shape = tuple(input_image.shape[1:])
+        try:
+            return super().predict_sliding_window_return_logits(input_image)
+        finally:
+            self._unpadded_shape = None
+
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        """Gated replacement of nnU-Net's loop. data: (C, *padded shape); returns (K, *padded shape) float16 logits."""
+        if len(self.configuration_manager.patch_size) != 3:
+            raise NotImplementedError("GFScreenPredictor supports 3D configurations only (the Glance is a 3D network)")
+        net = self.gfscreen_network
+        results_device = self.device if do_on_device else torch.device('cpu')
+        predicted_logits = n_predictions = None
+        try:
+            empty_cache(self.device)
+            data = data.to(results_device)
+            threshold = float(net.threshold) if self.threshold is None else float(self.threshold)
+
+            t0 = self._clock()
+            scores = score_tiles(net, data, slicers, self.glance_batch_size, self.device)
+            t1 = self._clock()
+            selected = torch.ones(len(slicers), dtype=torch.bool) if self.dense else select_tiles(scores, threshold)
+
+            predicted_logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]),
+                                           dtype=torch.half, device=results_device)
+            n_predictions = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+            gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                        value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
+            chosen = [s for s, keep in zip(slicers, selected.tolist()) if keep]
+            with net.ungated():
+                for start in range(0, len(chosen), self.tile_batch_size):
+                    batch = chosen[start:start + self.tile_batch_size]
+                    x = torch.stack([data[s] for s in batch]).to(self.device, non_blocking=True)
+                    prediction = self._internal_maybe_mirror_and_predict(x).to(results_device)
+                    # same operations and dtypes as nnU-Net's loop, tile by tile in slicer order
+                    for tile_prediction, s in zip(prediction, batch):
+                        if self.use_gaussian:
+                            tile_prediction *= gaussian
+                        predicted_logits[s] += tile_prediction
+                        n_predictions[s[1:]] += gaussian
+            # voxels no selected tile covers: logits stay 0 (background), divide by 1 instead of 0
+            n_predictions.masked_fill_(n_predictions == 0, 1)
+            torch.div(predicted_logits, n_predictions, out=predicted_logits)
+            t2 = self._clock()
+            if torch.any(torch.isinf(predicted_logits)):
+                raise RuntimeError('Encountered inf in predicted array. Aborting... If this problem persists, '
+                                   'reduce value_scaling_factor in compute_gaussian or increase the dtype of '
+                                   'predicted_logits to fp32')
+            self.records.append(self._make_record(data.shape[1:], slicers, scores, selected, threshold,
+                                                  t1 - t0, t2 - t1))
+            return predicted_logits
+        except Exception:
+            del predicted_logits, n_predictions
+            empty_cache(self.device)
+            empty_cache(results_device)
+            raise
+
+    def _make_record(self, padded_shape, slicers, scores, selected, threshold, glance_s, focus_s):
+        unpadded = self._unpadded_shape or tuple(padded_shape)
+        # pad_nd_image centres the content: the padding below is the floor of half the difference
+        offset = [(p - u) // 2 for p, u in zip(padded_shape, unpadded)]
+        bboxes = []
+        for s in slicers:
+            spatial = s[1:]
+            bboxes.append([[int(min(max(sl.start - o, 0), u)), int(min(max(sl.stop - o, 0), u))]
+                           for sl, o, u in zip(spatial, offset, unpadded)])
+        return SlidingWindowRecord(image_shape=tuple(int(u) for u in unpadded), bboxes=bboxes,
+                                   scores=[float(v) for v in scores], selected=[bool(v) for v in selected],
+                                   threshold=threshold, dense=self.dense, glance_seconds=glance_s,
+                                   focus_seconds=focus_s)
+
+    # ------------------------------------------------------------------ case I/O (overridable steps)
+    def expected_num_channels(self) -> int:
+        return len(self.dataset_json['channel_names'])
+
+    def preprocess_case(self, image_files: List[str], case: str) -> Tuple[torch.Tensor, dict]:
+        """Read, validate and preprocess one case. Returns (data (C, *preprocessed shape) float32, properties).
+
+        Raises CaseInputError naming the case for unreadable files, a wrong channel count or NaN/inf.
+        """
+        expected = self.expected_num_channels()
+        if len(image_files) != expected:
+            raise CaseInputError(f"case {case}: expected {expected} channel file(s) "
+                                 f"({self.dataset_json['channel_names']}), got {len(image_files)}: {image_files}")
+        rw = self.plans_manager.image_reader_writer_class()
+        try:
+            image, properties = rw.read_images(image_files)
+        except Exception as e:  # readers raise anything from RuntimeError to OSError
+            raise CaseInputError(f"case {case}: could not read {image_files}: {type(e).__name__}: {e}") from e
+        if image.shape[0] != expected:
+            raise CaseInputError(f"case {case}: image has {image.shape[0]} channels, the model expects {expected}")
+        n_bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        n_bad = n_bad or sum(nifti_nonfinite_count(f) for f in image_files)
+        if n_bad:
+            raise CaseInputError(f"case {case}: image contains {n_bad} NaN/inf voxel(s); refusing to predict")
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing)
+        data, _, properties = preprocessor.run_case_npy(image, None, properties, self.plans_manager,
+                                                        self.configuration_manager, self.dataset_json)
+        data = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        return data, properties
+
+    def export_case(self, logits: torch.Tensor, properties: dict, output_file_truncated: str,
+                    save_probabilities: bool = False, num_threads_torch: int = 1) -> str:
+        """Resample, argmax and write the mask (and probabilities) under a temporary name, then rename.
+
+        A failure leaves no partial output file. Returns the path of the written mask.
+        """
+        ending = self.dataset_json['file_ending']
+        folder, name = os.path.split(output_file_truncated)
+        tmp_truncated = os.path.join(folder, f".{name}.partial{os.getpid()}")
+        moves = [(tmp_truncated + '.npz', output_file_truncated + '.npz'),
+                 (tmp_truncated + '.pkl', output_file_truncated + '.pkl')] if save_probabilities else []
+        moves.append((tmp_truncated + ending, output_file_truncated + ending))  # the mask last
+        try:
+            export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
+                                          self.dataset_json, tmp_truncated, save_probabilities, num_threads_torch)
+            for src, dst in moves:
+                os.replace(src, dst)
+        except BaseException:
+            for src, _ in moves:
+                if os.path.isfile(src):
+                    os.remove(src)
+            raise
+        return output_file_truncated + ending

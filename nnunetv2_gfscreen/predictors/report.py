@@ -1,0 +1,136 @@
+"""Per-case GF-Screen report: which tiles the Glance selected, the time per stage, predicted lesions.
+
+The JSON written by `write_case_report` is read by the evaluator (`evaluation/reports.py`):
+tile boxes are in the ORIGINAL image's array index order (as the reader returns it, SimpleITK:
+z, y, x), half-open and clipped, so they can be laid over the ground truth directly.
+"""
+import json
+import math
+import os
+from typing import List, Sequence
+
+import cc3d
+import numpy as np
+
+from nnunetv2_gfscreen.predictors.gfscreen_predictor import Box, SlidingWindowRecord
+
+
+def tile_bbox_to_original(bbox: Box, preprocessed_shape: Sequence[int], properties: dict,
+                          transpose_backward: Sequence[int]) -> Box:
+    """Map a half-open box in preprocessed voxels to the original image array.
+
+    Undo the resampling (scale by shape_after_cropping_and_before_resampling / preprocessed shape,
+    rounding outward), add the crop offset (`bbox_used_for_cropping`), then undo nnU-Net's
+    transpose. Clipped to `shape_before_cropping`.
+    """
+    before_resampling = properties['shape_after_cropping_and_before_resampling']
+    crop = properties['bbox_used_for_cropping']
+    full = properties['shape_before_cropping']
+    if not (len(bbox) == len(preprocessed_shape) == len(before_resampling) == len(crop) == len(transpose_backward)):
+        raise ValueError(f"dimension mismatch: bbox {bbox}, preprocessed shape {preprocessed_shape}, "
+                         f"properties shape {before_resampling}, transpose_backward {transpose_backward}")
+    transposed = []
+    for (lo, hi), n_pre, n_orig, (c0, _), n_full in zip(bbox, preprocessed_shape, before_resampling, crop, full):
+        scale = n_orig / n_pre
+        lo_o = min(max(int(math.floor(lo * scale + 1e-6)), 0), n_orig) + c0
+        hi_o = min(max(int(math.ceil(hi * scale - 1e-6)), 0), n_orig) + c0
+        transposed.append([min(lo_o, n_full), min(hi_o, n_full)])
+    return [transposed[a] for a in transpose_backward]
+
+
+def lesion_components(mask: np.ndarray, spacing: Sequence[float]) -> List[dict]:
+    """26-connected components of mask > 0 (z, y, x) with voxel counts, mm^3 volumes and centroids (voxel index)."""
+    if mask.ndim != 3 or len(spacing) != 3:
+        raise ValueError(f"expected a 3D mask and 3 spacings, got shape {mask.shape} and spacing {spacing}")
+    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=26, return_N=True)
+    if n == 0:
+        return []
+    voxel_mm3 = float(np.prod(spacing))
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    coords = np.nonzero(labels)
+    ids = labels[coords]
+    lesions = []
+    for i in range(1, n + 1):
+        centroid = [float(np.sum(c[ids == i]) / counts[i]) for c in coords]
+        lesions.append({"voxels": int(counts[i]), "volume_mm3": round(float(counts[i]) * voxel_mm3, 3),
+                        "centroid_zyx": [round(c, 2) for c in centroid]})
+    return sorted(lesions, key=lambda d: -d["voxels"])
+
+
+def build_case_report(case: str, records: Sequence[SlidingWindowRecord], properties: dict,
+                      transpose_backward: Sequence[int], lesions: List[dict], total_seconds: float) -> dict:
+    """The report dict of one case from the sliding-window records of its folds.
+
+    With several folds (an ensemble), a tile counts as selected if any fold selected it, its score
+    is the mean over folds, Glance/Focus seconds are summed and `folds` lists the per-fold numbers.
+    """
+    if not records:
+        raise ValueError(f"case {case}: no sliding-window record (was the GF-Screen predictor used?)")
+    first = records[0]
+    if any(r.bboxes != first.bboxes for r in records):
+        raise ValueError(f"case {case}: folds tiled the image differently")
+    scores = np.mean([r.scores for r in records], axis=0) if first.bboxes else []
+    selected = np.any([r.selected for r in records], axis=0) if first.bboxes else []
+    tiles = [{"bbox_original": tile_bbox_to_original(b, first.image_shape, properties, transpose_backward),
+              "score": round(float(s), 6), "selected": bool(k)} for b, s, k in zip(first.bboxes, scores, selected)]
+    n_sel = int(np.sum(selected))
+    report = {
+        "case": case,
+        "tiles_total": len(tiles),
+        "tiles_selected": n_sel,
+        "selection_ratio": round(n_sel / len(tiles), 4) if tiles else 0.0,
+        "glance_seconds": round(sum(r.glance_seconds for r in records), 4),
+        "focus_seconds": round(sum(r.focus_seconds for r in records), 4),
+        "total_seconds": round(float(total_seconds), 4),
+        "threshold": round(float(first.threshold), 6),
+        "dense": bool(first.dense),
+        "tiles": tiles,
+        "lesions": lesions,
+    }
+    if len(records) > 1:
+        report["folds"] = [{"threshold": r.threshold, "tiles_selected": r.tiles_selected,
+                            "glance_seconds": round(r.glance_seconds, 4), "focus_seconds": round(r.focus_seconds, 4)}
+                           for r in records]
+    return report
+
+
+def write_case_report(report: dict, report_dir: str) -> str:
+    """Write `<report_dir>/<case>.json` atomically; returns the path."""
+    os.makedirs(report_dir, exist_ok=True)
+    path = os.path.join(report_dir, f"{report['case']}.json")
+    tmp = path + f".partial{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def save_case_png(image: np.ndarray, mask: np.ndarray, report: dict, path: str, projection: str = "max") -> str:
+    """A z-projection (max or mean) of the CT (z, y, x) with selected tiles outlined and predicted lesions drawn."""
+    if projection not in ("max", "mean"):
+        raise ValueError(f"projection must be 'max' or 'mean', got {projection!r}")
+    if image.shape != mask.shape or image.ndim != 3:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} must be 3D arrays of one shape")
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    proj = image.max(0) if projection == "max" else image.mean(0)
+    fig, ax = plt.subplots(figsize=(6, 6 * proj.shape[0] / max(proj.shape[1], 1)))
+    ax.imshow(proj, cmap="gray", interpolation="nearest")
+    for t in report["tiles"]:
+        if t["selected"]:
+            (y0, y1), (x0, x1) = t["bbox_original"][1], t["bbox_original"][2]
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", lw=0.8))
+    lesion_proj = (mask > 0).any(0)
+    if lesion_proj.any():
+        ax.contour(lesion_proj.astype(float), levels=[0.5], colors="red", linewidths=1.0)
+    ax.set_title(f"{report['case']}: {report['tiles_selected']}/{report['tiles_total']} tiles, "
+                 f"{len(report['lesions'])} lesion(s)")
+    ax.axis("off")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
