@@ -18,4 +18,6 @@ if [ ! -f "$stamp" ] || [ "$REPO_ROOT/setup.cfg" -nt "$stamp" ] || [ "$REPO_ROOT
   touch "$stamp"
 fi
 export VENV
+# OpenMP threads that busy-wait slow torch down several-fold on small shared machines (measured here)
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export PATH="$VENV/bin:$PATH"

@@ -1,5 +1,13 @@
 """GF-Screen trainers; `-tr NAME` finds every class exported here (see ext_trainer/)."""
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
+from nnunetv2_gfscreen.trainers.ablation_variants import (
+    GFScreenTrainer_BalancedCE_Short,
+    GFScreenTrainer_DiceReward_Short,
+    GFScreenTrainer_Group4_Short,
+    GFScreenTrainer_NoAlphaCE_Short,
+    GFScreenTrainer_PlainCE_Short,
+    GFScreenTrainer_Short,
+)
 from nnunetv2_gfscreen.trainers.variants import (
     GFScreenTrainer_BalancedCE,
     GFScreenTrainer_Demo,
@@ -11,4 +19,6 @@ from nnunetv2_gfscreen.trainers.variants import (
 )
 
 __all__ = ["GFScreenTrainer", "GFScreenTrainer_BalancedCE", "GFScreenTrainer_Demo", "GFScreenTrainer_DiceReward",
-           "GFScreenTrainer_Group4", "GFScreenTrainer_NoAlphaCE", "GFScreenTrainer_PlainCE", "GFScreenTrainer_Tiny"]
+           "GFScreenTrainer_Group4", "GFScreenTrainer_NoAlphaCE", "GFScreenTrainer_PlainCE", "GFScreenTrainer_Tiny",
+           "GFScreenTrainer_Short", "GFScreenTrainer_PlainCE_Short", "GFScreenTrainer_BalancedCE_Short",
+           "GFScreenTrainer_DiceReward_Short", "GFScreenTrainer_NoAlphaCE_Short", "GFScreenTrainer_Group4_Short"]

@@ -61,8 +61,8 @@ class GFScreenTrainer_Tiny(_ShortRun, GFScreenTrainer):
 
 
 class GFScreenTrainer_Demo(_ShortRun, GFScreenTrainer):
-    """A CPU-sized run for the demo: 30 epochs x 20 iterations, groups of 8."""
-    short_epochs = 30
+    """A CPU-sized run for the demo: 20 epochs x 20 iterations, groups of 8."""
+    short_epochs = 20
     short_iterations = 20
     short_val_iterations = 4
     settings_overrides = {"group_size": 8}

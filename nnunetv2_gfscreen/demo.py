@@ -1,0 +1,288 @@
+"""`nnUNetv2_gfscreen_demo`: the whole GF-Screen idea on synthetic CT, on the CPU, in one command.
+
+Synthetic dataset -> nnU-Net plan and preprocess -> GF-Screen configuration (patch and network
+shrunk for CPU speed) -> train (the trainer calibrates the gate on its validation cases) -> predict
+the test cases dense and gated -> evaluate both -> one comparison table. Every step runs the
+user-facing command line in a child process, with its output streamed, so what the demo prints is
+what a user would see.
+
+Re-running skips the dataset, preprocessing and training when they are complete (training resumes
+from `checkpoint_latest.pth` when interrupted); prediction and evaluation always run again, so
+the printed table is always measured on the spot. The ablation runner reuses these steps.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from nnunetv2_gfscreen.plans.cpu import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+
+# nnU-Net's commands are the installed console scripts. Ours run through their entry functions, so
+# the demo works the same before and after `pip install -e .` registers new commands.
+OUR_COMMANDS: Dict[str, str] = {
+    "nnUNetv2_gfscreen_make_dataset": "nnunetv2_gfscreen.synthetic:make_dataset_entry_point",
+    "nnUNetv2_gfscreen_plan": "nnunetv2_gfscreen.plans.cli:plan_entry_point",
+    "nnUNetv2_gfscreen_calibrate": "nnunetv2_gfscreen.predictors.calibration:calibrate_entry_point",
+    "nnUNetv2_predict_gfscreen": "nnunetv2_gfscreen.predictors.cli:predict_gfscreen_entry_point",
+    "nnUNetv2_gfscreen_evaluate": "nnunetv2_gfscreen.evaluation.evaluate_folder:evaluate_entry_point",
+}
+GFSCREEN_CONFIGURATION = "3d_fullres_gfscreen"
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that defines one demo run; written into results.json."""
+    dataset_id: int
+    num_train: int
+    num_test: int
+    shape: Tuple[int, int, int]          # synthetic volume (z, y, x) in voxels
+    patch_size: Tuple[int, int, int]     # GF-Screen configuration's patch: several tiles per case
+    trainer: str
+    seed: int = 0
+    healthy_fraction: float = 0.25
+    batch_size: int = 2
+    target_sensitivity: float = 0.98     # tile sensitivity the trainer calibrates the gate threshold to
+    arch_kwargs: dict = field(default_factory=lambda: dict(CPU_ARCH_KWARGS))
+
+    def __post_init__(self):
+        if len(self.shape) != 3 or len(self.patch_size) != 3:
+            raise ValueError(f"shape and patch_size must be (z, y, x), got {self.shape} and {self.patch_size}")
+        if any(p > s for p, s in zip(self.patch_size, self.shape)):
+            raise ValueError(f"patch_size {self.patch_size} must fit into the volume shape {self.shape}")
+        if self.num_train < 5 or self.num_test < 1:
+            raise ValueError(f"need num_train >= 5 (nnU-Net's 5-fold split) and num_test >= 1, "
+                             f"got {self.num_train} and {self.num_test}")
+
+
+FULL = DemoSettings(dataset_id=901, num_train=20, num_test=8, shape=(40, 128, 128), patch_size=(16, 64, 64),
+                    trainer="GFScreenTrainer_Demo")
+QUICK = DemoSettings(dataset_id=902, num_train=6, num_test=3, shape=(32, 96, 96), patch_size=(16, 48, 48),
+                     trainer="GFScreenTrainer_Tiny")
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+
+def command_line(name: str, args: Sequence[str], python: str = sys.executable) -> List[str]:
+    """argv that runs command `name`: our entry functions through `python -c`, nnU-Net's console scripts."""
+    args = [str(a) for a in args]
+    if name in OUR_COMMANDS:
+        module, func = OUR_COMMANDS[name].split(":")
+        code = f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; {func}()"
+        return [python, "-c", code, *args]
+    exe = Path(python).parent / name
+    if not exe.is_file():
+        raise FileNotFoundError(f"command {name} not found next to {python}; is nnunetv2 installed there?")
+    return [str(exe), *args]
+
+
+def machine_description() -> str:
+    """CPU model, cores, load and torch version: the context every measured time needs."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    import torch
+    return (f"{model}, {os.cpu_count()} logical cores, load average {load} at the end of the run; "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def results_markdown(title: str, table: str, settings: dict, step_seconds: Dict[str, float], machine: str,
+                     notes: Sequence[str] = ()) -> str:
+    """The results page of a run: the table, the machine and how long each step took."""
+    lines = [f"# {title}", "", table.rstrip("\n"), ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", f"Machine: {machine}", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in step_seconds.items()]
+    lines += ["", "Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- running steps
+class Runner:
+    """Runs the steps of one pipeline under `root`, streaming each command's output and timing it."""
+
+    def __init__(self, root: Path, settings: DemoSettings, device: str = "cpu"):
+        self.root = Path(root).resolve()
+        self.settings = settings
+        self.device = device
+        self.step_seconds: Dict[str, float] = {}
+        self.env = {**os.environ, "nnUNet_raw": str(self.root / "nnUNet_raw"),
+                    "nnUNet_preprocessed": str(self.root / "nnUNet_preprocessed"),
+                    "nnUNet_results": str(self.root / "nnUNet_results"),
+                    "nnUNet_compile": "f", "PYTHONUNBUFFERED": "1",
+                    # nnU-Net's default of 8 export/preprocessing workers oversubscribes a small CPU
+                    "nnUNet_def_n_proc": str(min(4, os.cpu_count() or 1)),
+                    # idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made
+                    # torch with 2 threads 6x slower than with 1 (measured); passive made it 1.6x faster
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        self.log_file = self.root / "demo_log.txt"
+
+    @property
+    def dataset_name(self) -> str:
+        return f"Dataset{self.settings.dataset_id:03d}_GFScreenSynth"
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "nnUNet_raw" / self.dataset_name
+
+    @property
+    def plans_file(self) -> Path:
+        return self.root / "nnUNet_preprocessed" / self.dataset_name / "nnUNetPlans.json"
+
+    def fold_folder(self, trainer: str) -> Path:
+        return (self.root / "nnUNet_results" / self.dataset_name /
+                f"{trainer}__nnUNetPlans__{GFSCREEN_CONFIGURATION}" / "fold_0")
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        with open(self.log_file, "a") as f:
+            f.write(text + "\n")
+
+    def run(self, name: str, args: Sequence[str], step: Optional[str] = None, extra_env: Optional[dict] = None
+            ) -> None:
+        """Run one command, streaming and logging its output; a failure stops the pipeline with its exit code."""
+        argv = command_line(name, args)
+        self.say(f"\n$ {name} {' '.join(shlex.quote(str(a)) for a in args)}")
+        t0 = time.perf_counter()
+        with open(self.log_file, "a") as log:
+            proc = subprocess.Popen(argv, env={**self.env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+            code = proc.wait()
+        seconds = time.perf_counter() - t0
+        if step:
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
+        if code != 0:
+            raise SystemExit(f"{name} failed with exit code {code}; its output is above and in {self.log_file}")
+
+    # ------------------------------------------------------------------ the steps
+    def make_dataset(self) -> None:
+        s = self.settings
+        if (self.raw / "dataset.json").is_file():
+            stored = json.loads((self.raw / "dataset.json").read_text()).get("gfscreen_synthetic", {})
+            if stored.get("shape_zyx") == list(s.shape) and stored.get("seed") == s.seed and \
+                    len(list((self.raw / "imagesTs").glob("*.nii.gz"))) == s.num_test:
+                self.say(f"[skip] dataset {self.raw} exists")
+                return
+            raise SystemExit(f"{self.raw} holds a different dataset; delete {self.root} to start again")
+        self.run("nnUNetv2_gfscreen_make_dataset",
+                 ["-d", s.dataset_id, "-ntr", s.num_train, "-nts", s.num_test, "--shape", *s.shape,
+                  "--seed", s.seed, "--healthy_fraction", s.healthy_fraction, "-np", 2], "dataset")
+
+    def plan_and_preprocess(self) -> None:
+        data = self.plans_file.parent / "nnUNetPlans_3d_fullres"
+        if self.plans_file.is_file() and data.is_dir() and \
+                len([f for f in os.listdir(data) if f.endswith(".pkl")]) == self.settings.num_train:
+            self.say(f"[skip] {self.dataset_name} is planned and preprocessed")
+        else:
+            self.run("nnUNetv2_plan_and_preprocess",
+                     ["-d", self.settings.dataset_id, "-c", "3d_fullres", "-np", 2, "-npfp", 2], "plan+preprocess")
+        s = self.settings
+        # the trainer calibrates the gate at the end of training (on the fold's validation cases) to this target
+        self.run("nnUNetv2_gfscreen_plan", ["-d", s.dataset_id, "--overwrite", "--set",
+                                            f"target_tile_sensitivity={s.target_sensitivity}"], "plan+preprocess")
+        plans = shrink_configuration_for_cpu(json.loads(self.plans_file.read_text()), GFSCREEN_CONFIGURATION,
+                                             s.patch_size, s.arch_kwargs, s.batch_size)
+        self.plans_file.write_text(json.dumps(plans, indent=4))
+        self.say(f"[plans] {GFSCREEN_CONFIGURATION}: patch {list(s.patch_size)} instead of the planned one and a "
+                 f"narrow network (features {s.arch_kwargs.get('features_per_stage')}), batch {s.batch_size}. "
+                 f"This is for CPU speed, and so that each case has several tiles for the Glance to gate; "
+                 f"on a GPU keep nnU-Net's planned network.")
+
+    def train(self, trainer: str) -> None:
+        """Train fold 0; resume an interrupted run. Training ends with the trainer calibrating the gate and
+        nnU-Net's final validation (validation/summary.json), so a run killed in between redoes only that."""
+        fold = self.fold_folder(trainer)
+        if (fold / "validation" / "summary.json").is_file() and (fold / "checkpoint_final.pth").is_file():
+            self.say(f"[skip] {trainer} is trained ({fold / 'checkpoint_final.pth'})")
+            return
+        if (fold / "checkpoint_final.pth").is_file():
+            mode = ["--val"]
+        else:
+            mode = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
+        self.run("nnUNetv2_train", [self.settings.dataset_id, GFSCREEN_CONFIGURATION, 0, "-tr", trainer,
+                                    "-device", self.device, *mode], f"train {trainer}",
+                 # augmentation in-process: on 2 cores a worker pool only adds overhead (the planner
+                 # cannot take 0, so this is set for training only)
+                 extra_env={"nnUNet_n_proc_DA": "0"} if self.device == "cpu" else None)
+
+    def predict(self, trainer: str, out: Path, dense: bool) -> Path:
+        """Predict imagesTs into `out`; returns the report folder."""
+        reports = out / "reports"
+        self.run("nnUNetv2_predict_gfscreen",
+                 ["-i", self.raw / "imagesTs", "-o", out, "-d", self.settings.dataset_id, "-c", GFSCREEN_CONFIGURATION,
+                  "-tr", trainer, "-f", 0, "-device", self.device, "--disable_progress_bar", "-npp", 0, "-nps", 0,
+                  "--report_dir", reports, "--png", *(["--dense"] if dense else [])],
+                 f"predict {out.name}")
+        return reports
+
+    def evaluate(self, pred: Path, reports: Path) -> dict:
+        summary = pred / "gfscreen_summary.json"
+        self.run("nnUNetv2_gfscreen_evaluate", ["-pred", pred, "-gt", self.raw / "labelsTs", "-reports", reports,
+                                                "-o", summary, "--md", pred / "gfscreen_summary.md", "-np", 2],
+                 f"evaluate {pred.name}")
+        return json.loads(summary.read_text())
+
+
+def run_demo(root: Path, settings: DemoSettings, device: str = "cpu") -> dict:
+    """The demo pipeline; returns what results.json holds."""
+    from nnunetv2_gfscreen.evaluation.tables import format_comparison_table
+
+    root.mkdir(parents=True, exist_ok=True)
+    r = Runner(root, settings, device)
+    r.say(f"GF-Screen demo in {r.root} ({'quick' if settings is QUICK else 'full'} settings, device {device})")
+    r.make_dataset()
+    r.plan_and_preprocess()
+    r.train(settings.trainer)
+    runs = {}
+    for name, dense in (("dense", True), ("gated", False)):
+        pred = r.root / "predictions" / name
+        runs[name] = r.evaluate(pred, r.predict(settings.trainer, pred, dense))["aggregate"]
+    labels = {"dense": "nnU-Net sliding window (dense)", "gated": "GF-Screen (Glance-gated)"}
+    table = format_comparison_table({labels[k]: v for k, v in runs.items()})
+    gated = runs["gated"]
+    fmt = lambda k: "n/a" if gated.get(k) is None else f"{100 * gated[k]:.1f}%"
+    notes = [f"{settings.num_test} synthetic test cases of {list(settings.shape)} voxels; model {settings.trainer}, "
+             f"fold 0, trained on the CPU here.",
+             f"Gate threshold calibrated at the end of training on the fold's validation cases to tile sensitivity "
+             f"{settings.target_sensitivity}; on the test cases the Glance's tile sensitivity was "
+             f"{fmt('tile_sensitivity')} and specificity {fmt('tile_specificity')}.",
+             "Seconds per case: read, preprocess, sliding window, export and write of one case, cases predicted "
+             "one after another (-npp 0 -nps 0), measured by the predictor on this machine.",
+             f"Per-case PNGs and JSON reports: {r.root / 'predictions'}/{{dense,gated}}/reports/."]
+    machine = machine_description()
+    result = {"settings": asdict(settings), "device": device, "machine": machine, "step_seconds": r.step_seconds,
+              "runs": runs, "table_markdown": table}
+    (r.root / "results.json").write_text(json.dumps(result, indent=2))
+    (r.root / "results.md").write_text(results_markdown("GF-Screen demo results", table, asdict(settings),
+                                                        r.step_seconds, machine, notes))
+    r.say("\n" + "=" * 100 + "\nGF-Screen vs dense nnU-Net inference on the held-out synthetic cases "
+          "(all numbers measured just now):\n\n" + table + "\n" + "\n".join(f"- {n}" for n in notes)
+          + f"\n\nwritten to {r.root / 'results.md'} and {r.root / 'results.json'}")
+    return result
+
+
+def demo_entry_point() -> None:
+    parser = argparse.ArgumentParser(description="GF-Screen demo on synthetic CT: generate, plan, train on the CPU, "
+                                                 "predict dense and gated, evaluate, print one comparison table.")
+    parser.add_argument("-o", type=str, default="demo_output", help="output folder. Default: ./demo_output")
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("GFSCREEN_DEMO_QUICK", "0") == "1",
+                        help="tiny smoke version (a few minutes; also GFSCREEN_DEMO_QUICK=1); writes into <o>/quick")
+    parser.add_argument("-device", type=str, default="cpu", choices=("cpu", "cuda"), help="Default: cpu")
+    args = parser.parse_args()
+    root = Path(args.o) / "quick" if args.quick else Path(args.o)
+    t0 = time.perf_counter()
+    run_demo(root, QUICK if args.quick else FULL, args.device)
+    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} minutes")

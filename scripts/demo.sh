@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's first command: GF-Screen end to end on synthetic CT, on the CPU.
+# Creates ./.venv on first use (scripts/setup_env.sh), then runs nnUNetv2_gfscreen_demo: generate a dataset,
+# plan and preprocess it with nnU-Net, train GFScreenTrainer_Demo, predict the test cases dense and gated,
+# evaluate both and print one comparison table (also written to demo_output/results.md and .json).
+# About 25 minutes on 2 CPU cores; a re-run skips the finished dataset, preprocessing and training.
+# Quick smoke version (a few minutes, tiny dataset, GFScreenTrainer_Tiny): GFSCREEN_DEMO_QUICK=1 bash scripts/demo.sh
+# Extra arguments go to the demo (see: bash scripts/demo.sh -h).
+source "$(dirname "$0")/setup_env.sh"
+cd "$REPO_ROOT"
+exec "$VENV/bin/python" -c "import sys; sys.argv[0] = 'nnUNetv2_gfscreen_demo'; \
+from nnunetv2_gfscreen.demo import demo_entry_point; demo_entry_point()" "$@"
