@@ -1,10 +1,12 @@
 """nnUNetv2_predict_gfscreen: nnUNetv2_predict's arguments plus Glance gating options and per-case reports.
 
-Cases run one after another in this process (read -> preprocess -> gated sliding window -> export
--> report), so the per-case timings in the reports are honest; -npp/-nps are accepted for
-compatibility (-nps sets the torch threads of the export). A case with bad input (unreadable,
-wrong channel count, NaN/inf) writes nothing; the other cases are still predicted and the command
-fails at the end naming every bad case.
+Each case goes read -> preprocess -> gated sliding window -> export -> report. With -npp/-nps > 0,
+background threads preprocess the next cases and export the previous ones while the current case's
+sliding window runs (pipeline.py); the reports give each case's wall time from read start to mask
+written and the phase times, gfscreen_pipeline.json the folder's. On CUDA (--torch_io auto) the
+preprocessing and export run with torch on the GPU. A case with bad input (unreadable, wrong channel
+count, NaN/inf) writes nothing; the other cases are still predicted and the command fails at the end
+naming every bad case.
 """
 import argparse
 import inspect
@@ -12,7 +14,8 @@ import multiprocessing
 import os
 import time
 from copy import deepcopy
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -24,19 +27,86 @@ from nnunetv2.utilities.helpers import empty_cache
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunetv2_gfscreen.predictors.calibration import load_calibration, threshold_for_sensitivity
-from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor
+from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, TORCH_IO_MODES, \
+    selected_tiles_bbox
+from nnunetv2_gfscreen.predictors.pipeline import run_pipeline
 from nnunetv2_gfscreen.predictors.report import build_case_report, lesion_components, save_case_png, \
     write_case_report
+
+
+@dataclass
+class _CaseState:
+    """One case on its way through the pipeline (data, then logits, are dropped once used)."""
+    case: str
+    image_files: List[str]
+    output_file_truncated: str
+    started: float = 0.0
+    data: Optional[torch.Tensor] = None
+    properties: Optional[dict] = None
+    logits: Optional[torch.Tensor] = None
+    records: list = field(default_factory=list)
+    covered_bbox: Optional[list] = None
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def _preprocess_stage(predictor: GFScreenPredictor, state: _CaseState) -> _CaseState:
+    state.started = time.perf_counter()
+    state.data, state.properties = predictor.preprocess_case(state.image_files, state.case)
+    state.seconds['preprocess'] = time.perf_counter() - state.started
+    return state
+
+
+def _predict_stage(predictor: GFScreenPredictor, state: _CaseState) -> _CaseState:
+    """The sliding window (caller's thread). Logits stay (K, *preprocessed shape); the tile records are copied."""
+    t0 = time.perf_counter()  # no device-wide synchronize: background threads may use the GPU too
+    predictor.reset_records()
+    state.logits = predictor.predict_logits_from_preprocessed_data(state.data)
+    state.data = None
+    state.records = list(predictor.records)
+    if predictor.use_torch_io:
+        state.covered_bbox = selected_tiles_bbox(state.records)
+    state.seconds['sliding_window'] = time.perf_counter() - t0  # the logits are on the CPU: work is done
+    return state
+
+
+def _export_stage(predictor: GFScreenPredictor, state: _CaseState, report_dir: str, png: bool,
+                  save_probabilities: bool, num_threads_export: int) -> dict:
+    """Export, then the report (total_seconds = read start .. mask written) and the optional PNG."""
+    t0 = time.perf_counter()
+    mask_file = predictor.export_case(state.logits, state.properties, state.output_file_truncated,
+                                      save_probabilities, num_threads_export, covered_bbox=state.covered_bbox,
+                                      case=state.case)
+    state.logits = None
+    t1 = time.perf_counter()
+    rw = predictor.plans_manager.image_reader_writer_class()
+    mask, mask_props = rw.read_seg(mask_file)
+    lesions = lesion_components(mask[0], mask_props['spacing'])
+    report = build_case_report(state.case, state.records, state.properties,
+                               predictor.plans_manager.transpose_backward, lesions, t1 - state.started)
+    report.update(torch_io=predictor.use_torch_io,
+                  preprocess_seconds=round(state.seconds['preprocess'], 4),
+                  sliding_window_seconds=round(state.seconds['sliding_window'], 4),
+                  export_seconds=round(t1 - t0, 4))
+    write_case_report(report, report_dir)
+    if png:
+        image, _ = rw.read_images(state.image_files)
+        save_case_png(np.asarray(image[0]), mask[0], report, join(report_dir, f"{state.case}.png"))
+    print(f"done with {state.case}")
+    return report
 
 
 def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folder: str,
                    report_dir: Optional[str] = None, png: bool = False, save_probabilities: bool = False,
                    overwrite: bool = True, num_parts: int = 1, part_id: int = 0,
-                   num_threads_export: int = 1) -> List[dict]:
+                   num_processes_preprocessing: int = 0, num_processes_segmentation_export: int = 0) -> List[dict]:
     """Predict every case of `input_folder` into `output_folder` with one JSON report (and PNG) per case.
 
-    Returns the reports. Raises FileNotFoundError/ValueError for a missing or empty input folder and
-    CaseInputError (after all good cases are done) if any case had bad input.
+    num_processes_preprocessing / num_processes_segmentation_export (-npp/-nps): background worker threads
+    that read+preprocess the next cases and export+write the previous ones while the current case's sliding
+    window runs (0 and 0: one case after another). Writes <output_folder>/gfscreen_pipeline.json
+    (pipeline_seconds: the folder's wall time) when at least one case was predicted. Returns the reports
+    in case order. Raises FileNotFoundError/ValueError for a missing or empty input folder, CaseInputError
+    (after all good cases are done) if any case had bad input, CaseFailedError naming the case otherwise.
     """
     if not isdir(input_folder):
         raise FileNotFoundError(f"input folder {input_folder} does not exist")
@@ -50,7 +120,8 @@ def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folde
     maybe_mkdir_p(output_folder)
 
     args = {k: v for k, v in locals().items() if k in inspect.signature(predict_folder).parameters and k != 'predictor'}
-    args.update(threshold=predictor.threshold, dense=predictor.dense, tile_batch_size=predictor.tile_batch_size)
+    args.update(threshold=predictor.threshold, dense=predictor.dense, tile_batch_size=predictor.tile_batch_size,
+                torch_io=predictor.torch_io)
     args = deepcopy(args)
     recursive_fix_for_json_export(args)
     save_json(args, join(output_folder, 'predict_from_raw_data_args.json'))
@@ -59,46 +130,45 @@ def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folde
 
     lists, truncated, _ = predictor._manage_input_and_output_lists(input_folder, output_folder, None, overwrite,
                                                                     part_id, num_parts, save_probabilities)
-    reports, failures = [], []
-    for files, out_truncated in zip(lists, truncated):
-        case = os.path.basename(out_truncated)
-        try:
-            reports.append(predict_case(predictor, files, out_truncated, report_dir, png, save_probabilities,
-                                        num_threads_export))
-        except CaseInputError as e:
-            print(f"SKIPPED {e}")
-            failures.append(str(e))
-        print(f"done with {case}")
+    states = [_CaseState(os.path.basename(t), files, t) for files, t in zip(lists, truncated)]
+    # nnU-Net's export sets torch's (process-wide) thread count; keep it where the sliding window has it
+    export_threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    reports, failures = run_pipeline(
+        states, [s.case for s in states],
+        preprocess=lambda s: _preprocess_stage(predictor, s),
+        predict=lambda s: _predict_stage(predictor, s),
+        export=lambda s: _export_stage(predictor, s, report_dir, png, save_probabilities, export_threads),
+        num_preprocess=num_processes_preprocessing, num_export=num_processes_segmentation_export,
+        skip=(CaseInputError,))
+    pipeline_seconds = time.perf_counter() - t0
+    for e in failures:
+        print(f"SKIPPED {e}")
     compute_gaussian.cache_clear()
     empty_cache(predictor.device)
+    if reports:
+        summary = {"pipeline_seconds": round(pipeline_seconds, 4), "cases_predicted": len(reports),
+                   "cases_skipped": len(failures), "seconds_per_case": round(pipeline_seconds / len(reports), 4),
+                   "num_processes_preprocessing": num_processes_preprocessing,
+                   "num_processes_segmentation_export": num_processes_segmentation_export,
+                   "torch_io": predictor.use_torch_io, "device": str(predictor.device)}
+        save_json(summary, join(output_folder, 'gfscreen_pipeline.json'), sort_keys=False)
+        print(f"{len(reports)} case(s) in {pipeline_seconds:.2f} s ({summary['seconds_per_case']:.2f} s per case)")
     if failures:
         raise CaseInputError(f"{len(failures)} case(s) could not be predicted (no output written for them):\n  "
-                             + "\n  ".join(failures))
+                             + "\n  ".join(str(e) for e in failures))
     return reports
 
 
 def predict_case(predictor: GFScreenPredictor, image_files: List[str], output_file_truncated: str,
-                 report_dir: str, png: bool = False, save_probabilities: bool = False,
-                 num_threads_export: int = 1) -> dict:
-    """One case end to end; the report is written after the mask. total_seconds = read .. mask written."""
-    case = os.path.basename(output_file_truncated)
-    t0 = time.perf_counter()
-    data, properties = predictor.preprocess_case(image_files, case)
-    predictor.reset_records()
-    logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
-    mask_file = predictor.export_case(logits, properties, output_file_truncated, save_probabilities,
-                                      num_threads_export)
-    total = time.perf_counter() - t0
-    rw = predictor.plans_manager.image_reader_writer_class()
-    mask, mask_props = rw.read_seg(mask_file)
-    lesions = lesion_components(mask[0], mask_props['spacing'])
-    report = build_case_report(case, predictor.records, properties, predictor.plans_manager.transpose_backward,
-                               lesions, total)
-    write_case_report(report, report_dir)
-    if png:
-        image, _ = rw.read_images(image_files)
-        save_case_png(np.asarray(image[0]), mask[0], report, join(report_dir, f"{case}.png"))
-    return report
+                 report_dir: str, png: bool = False, save_probabilities: bool = False) -> dict:
+    """One case end to end, in this thread; the report is written after the mask.
+
+    total_seconds = read start .. mask written; the report also holds preprocess_seconds,
+    sliding_window_seconds and export_seconds (export + write)."""
+    state = _CaseState(os.path.basename(output_file_truncated), list(image_files), output_file_truncated)
+    state = _predict_stage(predictor, _preprocess_stage(predictor, state))
+    return _export_stage(predictor, state, report_dir, png, save_probabilities, torch.get_num_threads())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,15 +191,18 @@ def _parser() -> argparse.ArgumentParser:
                    help='Disable mirroring test-time augmentation (of the selected tiles).')
     p.add_argument('--verbose', action='store_true', help='Print more.')
     p.add_argument('--save_probabilities', action='store_true',
-                   help='Also write class probabilities (.npz/.pkl). Unselected voxels get uniform probabilities.')
+                   help='Also write class probabilities (.npz/.pkl). Unselected voxels get uniform probabilities. '
+                        "Exports with nnU-Net's CPU export (whole volume), also when --torch_io is on.")
     p.add_argument('--continue_prediction', action='store_true',
                    help='Skip cases whose output already exists.')
     p.add_argument('-chk', type=str, required=False, default='checkpoint_final.pth',
                    help='Checkpoint file name. Default: checkpoint_final.pth')
     p.add_argument('-npp', type=int, required=False, default=3,
-                   help='Accepted for compatibility with nnUNetv2_predict; cases are preprocessed in this process.')
+                   help='Background workers (threads) reading and preprocessing the next cases while the current '
+                        'one is predicted; 0: in turn. Default: 3')
     p.add_argument('-nps', type=int, required=False, default=3,
-                   help='Torch threads for resampling/export (nnUNetv2_predict: export processes). Default: 3')
+                   help='Background workers (threads) exporting and writing predicted cases while the next one is '
+                        'predicted; 0: in turn. Default: 3')
     p.add_argument('-prev_stage_predictions', type=str, required=False, default=None,
                    help='Cascades are not supported by GF-Screen; accepted for compatibility only.')
     p.add_argument('-num_parts', type=int, required=False, default=1,
@@ -142,6 +215,11 @@ def _parser() -> argparse.ArgumentParser:
                    help='Disable progress bars.')
     p.add_argument('--not_on_device', action='store_true', required=False, default=False,
                    help='Keep the result arrays in CPU memory (large cases).')
+    p.add_argument('--torch_io', type=str, choices=TORCH_IO_MODES, default='auto',
+                   help="Preprocessing and export with torch on the device (nnU-Net's operations, reproduced; the "
+                        "export only resamples the box of the selected tiles): 'on', 'off' (nnU-Net's CPU "
+                        "functions), or 'auto' (on for -device cuda). Falls back to the CPU per case when GPU "
+                        "memory runs out. Default: auto")
     gate = p.add_argument_group('GF-Screen gating')
     choose = gate.add_mutually_exclusive_group()
     choose.add_argument('--threshold', type=float, default=None,
@@ -180,6 +258,8 @@ def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
     folds = [i if i == 'all' else int(i) for i in args.f]
     if not 0 <= args.part_id < args.num_parts:
         raise ValueError(f"-part_id must be in [0, {args.num_parts - 1}], got {args.part_id}")
+    if args.npp < 0 or args.nps < 0:
+        raise ValueError(f"-npp and -nps must be >= 0, got {args.npp} and {args.nps}")
     if args.tile_batch_size < 1:
         raise ValueError(f"--tile_batch_size must be >= 1, got {args.tile_batch_size}")
     if args.prev_stage_predictions is not None:
@@ -190,7 +270,7 @@ def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
                                   perform_everything_on_device=not args.not_on_device, device=_device(args.device),
                                   verbose=args.verbose, verbose_preprocessing=args.verbose,
                                   allow_tqdm=not args.disable_progress_bar, threshold=args.threshold,
-                                  dense=args.dense, tile_batch_size=args.tile_batch_size)
+                                  dense=args.dense, tile_batch_size=args.tile_batch_size, torch_io=args.torch_io)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     if args.target_sensitivity is not None:
         thresholds = [threshold_for_sensitivity(load_calibration(join(model_folder, f'fold_{f}'), args.chk)['table'],
@@ -200,4 +280,4 @@ def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
         predictor.set_fold_thresholds(thresholds)
     return predict_folder(predictor, args.i, args.o, args.report_dir, args.png, args.save_probabilities,
                           overwrite=not args.continue_prediction, num_parts=args.num_parts, part_id=args.part_id,
-                          num_threads_export=max(1, args.nps))
+                          num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)

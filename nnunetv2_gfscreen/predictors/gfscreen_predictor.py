@@ -5,13 +5,19 @@ Only the sliding-window step differs from `nnUNetPredictor`: the Glance scores e
 only the selected tiles (batched), with nnU-Net's Gaussian blending and mirroring TTA on those
 alone. Voxels that no selected tile covers get logits 0 (background after argmax), never 0/0.
 
-Reading/preprocessing (`preprocess_case`) and export (`export_case`) are separate methods so that
-GPU implementations can replace them without touching the gating.
+Reading/preprocessing (`preprocess_case`) and export (`export_case`) are separate methods. With
+`torch_io` on (the default on CUDA) they run nnU-Net's preprocessing and export with torch on the
+predictor's device (`torch_preprocessing`, `torch_export`), and the export resamples only the box of
+the selected tiles; otherwise they call nnU-Net's own CPU functions.
 """
 import os
+import re
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,8 +30,11 @@ from nnunetv2.utilities.helpers import empty_cache
 
 from nnunetv2_gfscreen.gating import select_tiles
 from nnunetv2_gfscreen.network import GFScreenNetwork
+from nnunetv2_gfscreen.predictors.torch_export import export_logits_torch
+from nnunetv2_gfscreen.predictors.torch_preprocessing import preprocess_case_torch
 
 Box = List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
+TORCH_IO_MODES = ('auto', 'on', 'off')
 
 
 class CaseInputError(ValueError):
@@ -95,12 +104,68 @@ def nifti_nonfinite_count(path: str) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
+def selected_tiles_bbox(records: Sequence[SlidingWindowRecord]) -> Optional[Box]:
+    """Half-open box around every tile any fold selected, in unpadded preprocessed voxels (the logits' frame).
+
+    None when a record is dense (everything is predicted, nothing to skip); [[0, 0]] * 3 when no tile was
+    selected. The record boxes are already unpadded (see `_make_record`), so no padding offset applies here.
+    """
+    if not records:
+        raise ValueError("no sliding-window record: run the sliding window of this case first")
+    if any(r.dense for r in records):
+        return None
+    shape = records[0].image_shape
+    if any(r.image_shape != shape for r in records):
+        raise ValueError(f"folds predicted different shapes: {[r.image_shape for r in records]}")
+    boxes = [b for r in records for b, keep in zip(r.bboxes, r.selected) if keep]
+    if not boxes:
+        return [[0, 0] for _ in shape]
+    return [[min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)] for d in range(len(shape))]
+
+
+# ---------------------------------------------------------------------- per-case notice of the torch I/O OOM fallback
+# preprocess_case_torch / export_logits_torch warn when they redo a case on the CPU; Python shows a warning once
+# per code location, and the message does not name the case. The hook below hands those warnings to the thread
+# that is preprocessing/exporting a case, which prints one line naming the case (threads: see pipeline.py).
+_OOM_FALLBACK = r'(preprocess_case_torch|export_logits_torch): out of memory'
+_tls = threading.local()
+_hook_lock = threading.Lock()
+
+
+def _showwarning_with_oom_notes(message, category, filename, lineno, file=None, line=None):
+    notes = getattr(_tls, 'oom_notes', None)
+    if notes is not None and re.match(_OOM_FALLBACK, str(message)):
+        notes.append(str(message))
+        return
+    _showwarning_with_oom_notes.previous(message, category, filename, lineno, file, line)
+
+
+@contextmanager
+def _oom_fallback_notes() -> Iterator[List[str]]:
+    """Collect (instead of showing) this thread's OOM-fallback warnings of the torch I/O functions."""
+    with _hook_lock:
+        if warnings.showwarning is not _showwarning_with_oom_notes:
+            _showwarning_with_oom_notes.previous = warnings.showwarning
+            warnings.showwarning = _showwarning_with_oom_notes
+        # shown for every case, not once per process; added once (each change of the filters resets which
+        # other warnings count as already shown)
+        if not any(f[0] == 'always' and f[1] is not None and f[1].pattern == _OOM_FALLBACK for f in warnings.filters):
+            warnings.filterwarnings('always', message=_OOM_FALLBACK)
+    _tls.oom_notes = notes = []
+    try:
+        yield notes
+    finally:
+        _tls.oom_notes = None
+
+
 class GFScreenPredictor(nnUNetPredictor):
     """nnUNetPredictor whose sliding window runs the Focus on Glance-selected tiles only.
 
     threshold: overrides the network's calibrated `threshold` buffer when not None.
     dense: run every tile through the Focus (for comparison); the Glance still scores (and times) all tiles.
     tile_batch_size: tiles per Focus forward pass; glance_batch_size: tiles per Glance pass.
+    torch_io: 'auto' (torch preprocessing/export on the device when it is CUDA, nnU-Net's CPU functions
+    otherwise), 'on' or 'off' (force either; 'on' works on CPU tensors too).
     After each sliding window, a `SlidingWindowRecord` is appended to `self.records`
     (one per fold for an ensemble); `reset_records()` clears it between cases.
     """
@@ -109,7 +174,7 @@ class GFScreenPredictor(nnUNetPredictor):
                  perform_everything_on_device: bool = True, device: torch.device = torch.device('cuda'),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  threshold: Optional[float] = None, dense: bool = False, tile_batch_size: int = 4,
-                 glance_batch_size: int = 8):
+                 glance_batch_size: int = 8, torch_io: str = 'auto'):
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device, verbose,
                          verbose_preprocessing, allow_tqdm)
         if tile_batch_size < 1 or glance_batch_size < 1:
@@ -117,6 +182,9 @@ class GFScreenPredictor(nnUNetPredictor):
                              f"{glance_batch_size}")
         if threshold is not None and not np.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold}")
+        if torch_io not in TORCH_IO_MODES:
+            raise ValueError(f"torch_io must be one of {TORCH_IO_MODES}, got {torch_io!r}")
+        self.torch_io = torch_io
         self.threshold = threshold
         self.dense = dense
         self.tile_batch_size = tile_batch_size
@@ -128,6 +196,11 @@ class GFScreenPredictor(nnUNetPredictor):
     @property
     def gfscreen_network(self) -> GFScreenNetwork:
         return unwrap_gfscreen_network(self.network)
+
+    @property
+    def use_torch_io(self) -> bool:
+        """Whether preprocess_case/export_case use the torch implementations (see `torch_io`)."""
+        return self.torch_io == 'on' or (self.torch_io == 'auto' and self.device.type == 'cuda')
 
     def reset_records(self) -> None:
         self.records = []
@@ -235,6 +308,7 @@ class GFScreenPredictor(nnUNetPredictor):
     def preprocess_case(self, image_files: List[str], case: str) -> Tuple[torch.Tensor, dict]:
         """Read, validate and preprocess one case. Returns (data (C, *preprocessed shape) float32, properties).
 
+        With `use_torch_io` the data is on the predictor's device (the CPU if that ran out of memory).
         Raises CaseInputError naming the case for unreadable files, a wrong channel count or NaN/inf.
         """
         expected = self.expected_num_channels()
@@ -252,6 +326,13 @@ class GFScreenPredictor(nnUNetPredictor):
         n_bad = n_bad or sum(nifti_nonfinite_count(f) for f in image_files)
         if n_bad:
             raise CaseInputError(f"case {case}: image contains {n_bad} NaN/inf voxel(s); refusing to predict")
+        if self.use_torch_io:
+            with _oom_fallback_notes() as notes:
+                data, properties = preprocess_case_torch(image, properties, self.plans_manager,
+                                                         self.configuration_manager, self.dataset_json, self.device)
+            if notes:
+                print(f"case {case}: out of memory on {self.device} while preprocessing; preprocessed on the CPU")
+            return data, properties
         preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing)
         data, _, properties = preprocessor.run_case_npy(image, None, properties, self.plans_manager,
                                                         self.configuration_manager, self.dataset_json)
@@ -259,11 +340,30 @@ class GFScreenPredictor(nnUNetPredictor):
         return data, properties
 
     def export_case(self, logits: torch.Tensor, properties: dict, output_file_truncated: str,
-                    save_probabilities: bool = False, num_threads_torch: int = 1) -> str:
+                    save_probabilities: bool = False, num_threads_torch: int = 1,
+                    covered_bbox: Optional[Box] = None, case: Optional[str] = None) -> str:
         """Resample, argmax and write the mask (and probabilities) under a temporary name, then rename.
 
-        A failure leaves no partial output file. Returns the path of the written mask.
+        logits: (K, *preprocessed shape). A failure leaves no partial output file. Returns the path of the mask.
+        With `use_torch_io` and no probabilities, torch export on the predictor's device (CPU on OOM);
+        covered_bbox (`selected_tiles_bbox`, preprocessed voxels) limits it to the selected tiles' box, voxels
+        outside are background. Otherwise nnU-Net's export (on the CPU, whole volume; num_threads_torch threads).
         """
+        if self.use_torch_io and not save_probabilities:
+            case = case or os.path.basename(output_file_truncated)
+            with _oom_fallback_notes() as notes:
+                export_logits_torch(logits.to(self.device), properties, self.plans_manager,
+                                    self.configuration_manager, self.dataset_json, output_file_truncated,
+                                    covered_bbox=covered_bbox)
+            if notes:
+                print(f"case {case}: out of memory on {self.device} while exporting; exported on the CPU")
+            return output_file_truncated + self.dataset_json['file_ending']
+        return self._export_case_nnunet(logits, properties, output_file_truncated, save_probabilities,
+                                        num_threads_torch)
+
+    def _export_case_nnunet(self, logits: torch.Tensor, properties: dict, output_file_truncated: str,
+                            save_probabilities: bool, num_threads_torch: int) -> str:
+        """nnU-Net's export_prediction_from_logits, written under a temporary name and then renamed."""
         ending = self.dataset_json['file_ending']
         folder, name = os.path.split(output_file_truncated)
         tmp_truncated = os.path.join(folder, f".{name}.partial{os.getpid()}")
