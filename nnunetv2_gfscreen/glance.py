@@ -77,6 +77,8 @@ class GlanceNet(nn.Module):
     with ``glance_strides``; with neither, stage 0 strides in-plane only (1, 2, 2) and later stages
     isotropically (2, 2, 2), which suits typical CT tiles (z shorter than y, x).
 
+    Head: global mean and max pooling, concatenated, then a Linear (see __init__ for why the max).
+
     Initialisation: He init for convolutions (as nnU-Net), the final Linear has weights
     N(0, 0.01^2) and bias 0, so the initial p(select) is about 0.5 for every tile.
     """
@@ -134,8 +136,10 @@ class GlanceNet(nn.Module):
             in_channels, n_stages, list(features_per_stage), nn.Conv3d, kernel_size, strides,
             list(blocks_per_stage), conv_bias=False, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
             nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, block=BasicBlockD, return_skips=False)
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.head = nn.Linear(features_per_stage[-1], 1)
+        # mean and max over space: after instance normalisation a channel's spatial mean is just its
+        # affine bias, so average pooling alone discards most of the input; the max keeps "a strong
+        # local response somewhere in the tile", which is what a small lesion produces
+        self.head = nn.Linear(2 * features_per_stage[-1], 1)
         self.encoder.apply(InitWeights_He(1e-2))
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
@@ -153,8 +157,8 @@ class GlanceNet(nn.Module):
         shape = self.internal_shape(x.shape[2:])
         if tuple(x.shape[2:]) != shape:
             x = F.adaptive_avg_pool3d(x, shape)
-        x = self.encoder(x)
-        return self.head(self.pool(x).flatten(1))[:, 0]
+        x = self.encoder(x).flatten(2)
+        return self.head(torch.cat([x.mean(2), x.amax(2)], dim=1))[:, 0]
 
 
 def build_glance(in_channels: int, patch_size: Sequence[int],
