@@ -36,6 +36,8 @@ from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 
 REWARDS = {"binary": detection_reward, "dice": dice_reward}
+# read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
+NETWORK_SETTINGS = ("glance_input_scale", "threshold")
 GLANCE_OBJECTIVES = ("grl", "ce", "balanced_ce")
 
 
@@ -60,6 +62,11 @@ class GFScreenTrainer(nnUNetTrainer):
         if self.reward_kind not in REWARDS or self.glance_objective not in GLANCE_OBJECTIVES:
             raise ValueError(f"{self.__class__.__name__}: reward_kind must be one of {tuple(REWARDS)} and "
                              f"glance_objective one of {GLANCE_OBJECTIVES}")
+        network_keys = sorted(set(self.settings_overrides) & set(NETWORK_SETTINGS))
+        if network_keys:
+            raise ValueError(f"{self.__class__.__name__}.settings_overrides sets {network_keys}, which shape the "
+                             f"network that inference rebuilds from the plans alone; set them in the plans' "
+                             f"gfscreen block instead (nnUNetv2_gfscreen_plan --set)")
         if self.is_ddp:
             raise NotImplementedError("GFScreenTrainer does not support multi-GPU (DDP) training yet; "
                                       "train with one GPU")

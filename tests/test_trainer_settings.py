@@ -1,0 +1,41 @@
+"""GFScreenTrainer construction: settings come from the plans; unsupported set-ups are refused up front."""
+import json
+
+import pytest
+import torch
+
+from nnunetv2_gfscreen.trainers import GFScreenTrainer, GFScreenTrainer_Group4
+from tests.nnunet_fixtures import CONFIG
+
+
+def _trainer(cls, planned_dataset, monkeypatch, tmp_path, group_size_in_plans=None):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))  # nnU-Net reads its paths from the environment lazily
+    monkeypatch.setenv("nnUNet_preprocessed", str(planned_dataset["root"] / "preprocessed"))
+    plans = {**json.loads(planned_dataset["plans_file"].read_text()), "continue_training": False}
+    if group_size_in_plans is not None:
+        plans["configurations"][CONFIG]["gfscreen"]["group_size"] = group_size_in_plans
+    dataset_json = json.loads((planned_dataset["dataset_folder"] / "dataset.json").read_text())
+    return cls(plans, CONFIG, 0, dataset_json, torch.device("cpu"))
+
+
+def test_settings_come_from_plans_and_variant_overrides(planned_dataset, monkeypatch, tmp_path):
+    plain = _trainer(GFScreenTrainer, planned_dataset, monkeypatch, tmp_path, group_size_in_plans=6)
+    assert plain.gfscreen.group_size == 6  # from the plans' gfscreen block
+    group4 = _trainer(GFScreenTrainer_Group4, planned_dataset, monkeypatch, tmp_path, group_size_in_plans=6)
+    assert group4.gfscreen.group_size == 4 and group4.gfscreen.alpha == 0.1  # the variant wins for its key only
+
+
+def test_variant_cannot_override_network_settings(planned_dataset, monkeypatch, tmp_path):
+    class Bad(GFScreenTrainer):
+        settings_overrides = {"glance_input_scale": 0.25}
+
+    with pytest.raises(ValueError, match="glance_input_scale"):
+        _trainer(Bad, planned_dataset, monkeypatch, tmp_path)
+
+
+def test_unknown_reward_is_refused(planned_dataset, monkeypatch, tmp_path):
+    class Bad(GFScreenTrainer):
+        reward_kind = "iou"
+
+    with pytest.raises(ValueError, match="reward_kind"):
+        _trainer(Bad, planned_dataset, monkeypatch, tmp_path)
