@@ -278,11 +278,13 @@ class GFScreenTrainer(nnUNetTrainer):
         net = self._gfscreen_network()
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
-        target_full = (target[0] if isinstance(target, list) else target).to(self.device, non_blocking=True)
+        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
         with self._autocast():
             selected = net.glance_probabilities(data) > net.threshold
-        lesion = self._lesion_masks(target_full)[0].flatten(1).any(1)
-        out = super().validation_step(batch)
+        lesion = self._lesion_masks(target[0] if isinstance(target, list) else target)[0].flatten(1).any(1)
+        # tensors already on the device: nnU-Net's own .to() calls are then no-ops, not second copies
+        out = super().validation_step({**batch, "data": data, "target": target})
         out["glance_counts"] = np.array([(selected & lesion).sum().item(), (~selected & lesion).sum().item(),
                                          (~selected & ~lesion).sum().item(), (selected & ~lesion).sum().item()])
         return out
