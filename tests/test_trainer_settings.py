@@ -39,3 +39,27 @@ def test_unknown_reward_is_refused(planned_dataset, monkeypatch, tmp_path):
 
     with pytest.raises(ValueError, match="reward_kind"):
         _trainer(Bad, planned_dataset, monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("whole_group", [False, True])
+def test_focus_trains_on_the_slots_the_loader_augmented(planned_dataset, monkeypatch, tmp_path, whole_group):
+    from nnunetv2_gfscreen.trainers import GFScreenTrainer_FullGroupAug, GFScreenTrainer_Tiny
+
+    cls = GFScreenTrainer_FullGroupAug if whole_group else GFScreenTrainer_Tiny
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    trainer = _trainer(cls, planned_dataset, monkeypatch, tmp_path)
+    trainer.initialize()
+    dl_tr, _ = trainer.get_dataloaders()
+    loader = dl_tr.data_loader
+    assert (loader.light_transforms is None) == whole_group
+    batch = next(dl_tr)
+    n = trainer.gfscreen.group_size
+    assert batch["data"].shape[0] == n and int(batch["focus_slots"].sum()) == trainer.batch_size
+    assert [t.shape[0] for t in batch["target"]] == [n] * len(batch["target"])  # deep supervision targets
+    seen = []
+    loss = trainer.loss
+    monkeypatch.setattr(trainer, "loss", lambda out, target: seen.append(target[0].clone()) or loss(out, target))
+    trainer.network.train()
+    out = trainer.train_step(batch)
+    assert torch.equal(seen[0], batch["target"][0][batch["focus_slots"]])  # the Focus's loss saw those slots
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())

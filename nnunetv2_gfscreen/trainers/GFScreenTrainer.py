@@ -18,6 +18,8 @@ from torch._dynamo import OptimizedModule
 
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -46,6 +48,9 @@ class GFScreenTrainer(nnUNetTrainer):
     reward_kind: str = "binary"
     glance_objective: str = "grl"
     use_alpha_ce: bool = True
+    # False: only the sub-volumes the Focus trains on get nnU-Net's full augmentation, the rest of the
+    # group is cropped and mirrored (see group_sampling.py for why); True: every sub-volume is augmented
+    augment_whole_group: bool = False
     settings_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -140,9 +145,13 @@ class GFScreenTrainer(nnUNetTrainer):
             foreground_labels=self.label_manager.foreground_labels, regions=regions,
             ignore_label=self.label_manager.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        light_transforms = None if self.augment_whole_group else self.get_light_group_transforms(
+            val_transforms, mirror_axes)
         dl_tr = GroupDataLoader(dataset_tr, self.gfscreen.group_size, self.gfscreen.groups_per_step,
                                 initial_patch_size, patch_size, self.label_manager,
-                                lesion_share=self.gfscreen.lesion_share, transforms=tr_transforms)
+                                lesion_share=self.gfscreen.lesion_share, transforms=tr_transforms,
+                                light_transforms=light_transforms, focus_slots=min(
+                                    self.batch_size, self.gfscreen.group_size * self.gfscreen.groups_per_step))
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
                                   transforms=val_transforms,
@@ -158,6 +167,13 @@ class GFScreenTrainer(nnUNetTrainer):
         _ = next(mt_gen_train)
         _ = next(mt_gen_val)
         return mt_gen_train, mt_gen_val
+
+    @staticmethod
+    def get_light_group_transforms(val_transforms: ComposeTransforms, mirror_axes) -> ComposeTransforms:
+        """Transforms of the group slots the Focus does not train on: mirroring (if the trainer mirrors),
+        then nnU-Net's validation transforms (label handling, deep-supervision targets)."""
+        mirror = [MirrorTransform(allowed_axes=mirror_axes)] if mirror_axes else []
+        return ComposeTransforms(mirror + list(val_transforms.transforms))
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
@@ -218,8 +234,12 @@ class GFScreenTrainer(nnUNetTrainer):
         group_ids = batch["group_ids"].to(self.device)
         n = data.shape[0]
         # Focus gradients on as many sub-volumes as nnU-Net's planned batch, drawn at random from the
-        # groups so their lesion share matches the groups' (and nnU-Net's oversampling)
-        grad_idx = torch.randperm(n, device=self.device)[:min(self.batch_size, n)]
+        # groups so their lesion share matches the groups' (and nnU-Net's oversampling); the loader
+        # drew them and gave only them nnU-Net's full augmentation
+        if "focus_slots" in batch:
+            grad_idx = torch.nonzero(batch["focus_slots"]).flatten().to(self.device)
+        else:
+            grad_idx = torch.randperm(n, device=self.device)[:min(self.batch_size, n)]
 
         self.optimizer.zero_grad(set_to_none=True)
         self.glance_optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,11 @@ class GFScreenTrainer_Group4(GFScreenTrainer):
     settings_overrides = {"group_size": 4}
 
 
+class GFScreenTrainer_FullGroupAug(GFScreenTrainer):
+    """Every sub-volume of a group gets nnU-Net's full augmentation, not only the Focus's (slower loading)."""
+    augment_whole_group = True
+
+
 class _ShortRun:
     """Few epochs and iterations, no mirroring: for tests and the CPU demo."""
     short_epochs = 2
@@ -72,3 +77,8 @@ class GFScreenTrainer_Demo(_ShortRun, GFScreenTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._make_short()
         self.save_every = 5
+
+
+class GFScreenTrainer_DemoLong(GFScreenTrainer_Demo):
+    """The demo's trainer run four times longer (80 epochs x 20 iterations): benchmarks/learning_check.py."""
+    short_epochs = 80
