@@ -126,18 +126,27 @@ def group_relative_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1
     return torch.where(flat, torch.zeros_like(centred), centred / torch.where(flat, torch.ones_like(std), std))
 
 
-def clipped_surrogate(logp: Tensor, logp_ref: Tensor, advantages: Tensor, clip_eps: float) -> Tensor:
+def clipped_surrogate(logp: Tensor, logp_ref: Tensor, advantages: Tensor, clip_eps: float,
+                      dual_clip: Optional[float] = None) -> Tensor:
     """PPO clipped surrogate loss ``-mean_i min(ratio_i A_i, clip(ratio_i, 1-eps, 1+eps) A_i)``.
 
     ``ratio_i = exp(logp_i - logp_ref_i) = pi(select|x_i) / pi_ref(select|x_i)``. Where the clip
     is active (ratio > 1+eps with A > 0, ratio < 1-eps with A < 0) the term is constant, so its
     gradient is zero: the policy cannot move further than eps from the reference in one round.
 
+    The min leaves one side open: a tile with A < 0 whose select probability rose far above the
+    reference's (ratio >> 1+eps, e.g. pushed up by the CE term during an epoch) costs ``-ratio A``
+    without bound, and the ratio of a small probability grows exponentially in the logit (a logit
+    4 higher at p_ref = 0.01 gives ratio 50). ``dual_clip = c > 1`` (dual-clip PPO, Ye et al.
+    2020) caps that side: for A < 0 the term is ``max(min(...), c A)``, constant (no gradient)
+    beyond ratio c. ``None`` gives the plain PPO clip.
+
     Args:
         logp: float (B,), log pi(select | x), with gradient.
         logp_ref: float (B,), log pi_ref(select | x); treat as a constant (detach it).
         advantages: float (B,), constants.
         clip_eps: clip range eps, in (0, 1).
+        dual_clip: None, or the cap c > 1 on the ratio for negative advantages.
 
     Returns:
         scalar loss.
@@ -145,10 +154,15 @@ def clipped_surrogate(logp: Tensor, logp_ref: Tensor, advantages: Tensor, clip_e
     _check_1d(logp=logp, logp_ref=logp_ref, advantages=advantages)
     if not 0 < clip_eps < 1:
         raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be None or > 1, got {dual_clip}")
     ratio = torch.exp(logp - logp_ref)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    return -torch.minimum(unclipped, clipped).mean()
+    objective = torch.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
+    return -objective.mean()
 
 
 def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
@@ -206,7 +220,8 @@ class GRLTerms:
 
 
 def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_labels: Tensor,
-             group_ids: Tensor, clip_eps: float = 0.1, beta: float = 0.01, alpha: float = 0.1) -> GRLTerms:
+             group_ids: Tensor, clip_eps: float = 0.1, beta: float = 0.01, alpha: float = 0.1,
+             dual_clip: Optional[float] = 3.0) -> GRLTerms:
     """GRL objective of the Glance: ``L = L_clip + beta * KL_k3 + alpha * balanced_CE``.
 
     ``logp = logsigmoid(glance_logits)`` and ``logp_ref = logsigmoid(ref_logits)`` (detached) are
@@ -221,6 +236,7 @@ def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_
         lesion_labels: (B,) of 0/1, 1 = the tile holds lesion voxels.
         group_ids: integer (B,), the CT each tile was cropped from.
         clip_eps, beta, alpha: clip range and the weights of the KL and CE terms.
+        dual_clip: cap on the ratio for negative advantages (see ``clipped_surrogate``); None: plain PPO clip.
 
     Returns:
         GRLTerms with the *unweighted* ``clip``, ``kl``, ``ce`` and the weighted ``total``.
@@ -235,7 +251,7 @@ def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_
     logp = F.logsigmoid(glance_logits)
     logp_ref = F.logsigmoid(ref_logits).detach()
     advantages = group_relative_advantages(rewards, group_ids)
-    clip = clipped_surrogate(logp, logp_ref, advantages, clip_eps)
+    clip = clipped_surrogate(logp, logp_ref, advantages, clip_eps, dual_clip)
     kl = kl_k3(logp, logp_ref)
     total = clip + beta * kl
     if alpha > 0:

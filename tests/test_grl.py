@@ -113,10 +113,28 @@ def test_clipped_surrogate_both_sides_of_the_clip():
     assert torch.allclose(logp.grad, torch.tensor([0., 0., -1.1 / 4, -0.5 / 4]))
 
 
+def test_dual_clip_caps_only_negative_advantages_far_above_the_reference():
+    ratio = torch.tensor([5.0, 2.0, 5.0, 0.5])
+    adv = torch.tensor([-1., -1., 2., -1.])
+    logp_ref = torch.full((4,), math.log(0.1))
+    logp = (torch.log(ratio) + logp_ref).requires_grad_()
+    plain = clipped_surrogate(logp, logp_ref, adv, clip_eps=0.2)
+    # plain PPO: min(-5, -1.2) = -5, min(-2, -1.2) = -2, min(10, 2.4) = 2.4, min(-0.5, -0.8) = -0.8
+    assert plain.item() == pytest.approx(-(-5 - 2 + 2.4 - 0.8) / 4)
+    loss = clipped_surrogate(logp, logp_ref, adv, clip_eps=0.2, dual_clip=3.0)
+    # dual clip, A < 0 only: max(-5, 3 * -1) = -3 (capped), max(-2, -3) = -2, A > 0 untouched, max(-0.8, -3) = -0.8
+    assert loss.item() == pytest.approx(-(-3 - 2 + 2.4 - 0.8) / 4)
+    loss.backward()
+    # gradient zero where capped or clipped; -ratio * A / 4 = 2 / 4 for the ratio-2 tile below the cap
+    assert torch.allclose(logp.grad, torch.tensor([0., 0.5, 0., 0.]))
+
+
 def test_clipped_surrogate_rejects_bad_eps_and_shapes():
     x = torch.zeros(3)
     with pytest.raises(ValueError, match='clip_eps'):
         clipped_surrogate(x, x, x, clip_eps=1.5)
+    with pytest.raises(ValueError, match='dual_clip'):
+        clipped_surrogate(x, x, x, clip_eps=0.1, dual_clip=1.0)
     with pytest.raises(ValueError, match=r'\(3,\)'):
         clipped_surrogate(x, x, torch.zeros(2), clip_eps=0.1)
 
@@ -175,7 +193,7 @@ def test_grl_loss_total_is_weighted_sum_of_unweighted_terms():
     assert isinstance(terms, GRLTerms)
     logp, logp_ref = F.logsigmoid(logits), F.logsigmoid(ref)
     adv = group_relative_advantages(rewards, ids)
-    assert terms.clip.item() == pytest.approx(clipped_surrogate(logp, logp_ref, adv, 0.1).item())
+    assert terms.clip.item() == pytest.approx(clipped_surrogate(logp, logp_ref, adv, 0.1, dual_clip=3.0).item())
     assert terms.kl.item() == pytest.approx(kl_k3(logp, logp_ref).item())
     assert terms.ce.item() == pytest.approx(balanced_bce(logits, labels).item())
     assert terms.total.item() == pytest.approx(terms.clip.item() + 0.01 * terms.kl.item() + 0.1 * terms.ce.item())

@@ -18,6 +18,7 @@ class GFScreenSettings:
     alpha: float = 0.1  # weight of the class-balanced CE term
     beta: float = 0.01  # weight of the KL(pi || pi_ref) term
     clip_eps: float = 0.1  # PPO-style ratio clip
+    dual_clip: float = 3.0  # cap on the ratio for negative advantages (dual-clip PPO); 0 turns it off
     glance_input_scale: float = 0.5  # the Glance reads the tile downsampled by this factor per axis
     glance_lr: float = 3e-4  # AdamW, as in the paper
     glance_weight_decay: float = 1e-2
@@ -32,6 +33,7 @@ class GFScreenSettings:
             "alpha": self.alpha >= 0,
             "beta": self.beta >= 0,
             "clip_eps": 0 < self.clip_eps < 1,
+            "dual_clip": self.dual_clip == 0 or self.dual_clip > 1,
             "glance_input_scale": 0 < self.glance_input_scale <= 1,
             "glance_lr": self.glance_lr > 0,
             "glance_weight_decay": self.glance_weight_decay >= 0,
@@ -42,7 +44,7 @@ class GFScreenSettings:
         if bad:
             raise ValueError(f"invalid GF-Screen settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                              f"(group_size >= 2 since a group of one has no relative advantage; shares and "
-                             f"probabilities in [0, 1]; clip_eps in (0, 1); scale in (0, 1])")
+                             f"probabilities in [0, 1]; clip_eps in (0, 1); dual_clip 0 or > 1; scale in (0, 1])")
 
     @classmethod
     def from_dict(cls, overrides: Optional[Mapping[str, Any]]) -> "GFScreenSettings":
