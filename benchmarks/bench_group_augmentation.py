@@ -1,18 +1,18 @@
-"""Benchmark: CPU cost of one training step's augmentation, nnU-Net's batch vs a GF-Screen group.
+"""Benchmark: CPU cost of one training step's augmentation, nnU-Net's batch vs a GF-Screen step.
 
 Not a test: prints a table and writes JSON. nnU-Net trains on `batch_size` (2) augmented patches per
-step; a GF-Screen step draws a group of `group_size` (16). The transforms are nnU-Net's own, built
-as the trainer builds them for the patch size (rotation ranges, dummy-2D rule, deep supervision),
-and run on random data of the loader's initial patch size, single-threaded as in nnU-Net's workers.
-"light" is what GFScreenTrainer gives the group slots the Focus does not train on (centre crop,
-mirroring, nnU-Net's validation transforms).
+step; a GF-Screen step also draws a group of `group_size` (16) sub-volumes of one CT. The transforms
+are nnU-Net's own, built as the trainer builds them for the patch size (rotation ranges, dummy-2D
+rule, deep supervision), and run on random data of the loader's initial patch size, single-threaded
+as in nnU-Net's workers. "Group" is what GFScreenTrainer gives the group's sub-volumes (centre crop,
+mirroring, label clean-up); "all full" is nnU-Net's augmentation on every group sub-volume, which
+our first version did.
 
   python benchmarks/bench_group_augmentation.py                      # 48x224x192, group 16, batch 2
   python benchmarks/bench_group_augmentation.py --patch 16 64 64 --group 8
 """
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
@@ -22,12 +22,13 @@ from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_p
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.configuration import ANISO_THRESHOLD
 
+from nnunetv2_gfscreen.demo import machine_description
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
 from nnunetv2_gfscreen.trainers.group_sampling import centre_crop
 
 
 def nnunet_like_transforms(patch_size, num_pools: int = 5):
-    """Initial patch size, training and light transforms as nnU-Net's trainer configures them for a 3D patch
+    """Initial patch size, training and group transforms as nnU-Net's trainer configures them for a 3D patch
     (configure_rotation_dummyDA_mirroring_and_inital_patch_size; CT, one channel)."""
     if max(patch_size) / patch_size[0] > ANISO_THRESHOLD:   # nnU-Net's dummy-2D rule
         rotation, dummy_2d = (-np.pi, np.pi), True
@@ -41,8 +42,7 @@ def nnunet_like_transforms(patch_size, num_pools: int = 5):
     tr = nnUNetTrainer.get_training_transforms(patch_size, rotation, ds_scales, mirror_axes, dummy_2d,
                                                use_mask_for_norm=[False], is_cascaded=False, foreground_labels=[1],
                                                regions=None, ignore_label=None)
-    va = nnUNetTrainer.get_validation_transforms(ds_scales, False, [1], None, None)
-    return tuple(int(i) for i in initial), tr, GFScreenTrainer.get_light_group_transforms(va, mirror_axes)
+    return tuple(int(i) for i in initial), tr, GFScreenTrainer.get_group_transforms(mirror_axes)
 
 
 def seconds_per_patch(fn, repeats: int) -> float:
@@ -57,26 +57,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patch", type=int, nargs=3, default=[48, 224, 192], metavar=("Z", "Y", "X"))
     parser.add_argument("--group", type=int, default=16, help="GF-Screen group size. Default: 16")
-    parser.add_argument("--batch", type=int, default=2, help="nnU-Net batch size (Focus slots). Default: 2")
+    parser.add_argument("--batch", type=int, default=2, help="nnU-Net batch size (the Focus's). Default: 2")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=str, default=None, help="JSON output file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     patch = tuple(args.patch)
-    initial, full, light = nnunet_like_transforms(patch)
+    initial, full, group = nnunet_like_transforms(patch)
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.standard_normal((1, *initial)).astype(np.float32))
     seg = torch.from_numpy((rng.random((1, *initial)) > 0.999).astype(np.int16))
     t_full = seconds_per_patch(lambda: full(image=image.clone(), segmentation=seg.clone()), args.repeats)
-    t_light = seconds_per_patch(lambda: light(image=centre_crop(image, patch).clone(),
+    t_group = seconds_per_patch(lambda: group(image=centre_crop(image, patch).clone(),
                                               segmentation=centre_crop(seg, patch).clone()), args.repeats)
     rows = {
         f"nnU-Net batch ({args.batch} full)": args.batch * t_full,
-        f"GF-Screen group, all {args.group} full": args.group * t_full,
-        f"GF-Screen group, {args.batch} full + {args.group - args.batch} light": args.batch * t_full
-        + (args.group - args.batch) * t_light,
+        f"group of {args.group}, all full (first version)": args.group * t_full,
+        f"GFScreenTrainer: batch of {args.batch} full + group of {args.group}": args.batch * t_full
+        + args.group * t_group,
     }
-    print(f"patch {list(patch)} (initial {list(initial)}): full transforms {t_full:.3f} s, light {t_light:.4f} s "
+    print(f"patch {list(patch)} (initial {list(initial)}): full transforms {t_full:.3f} s, group {t_group:.4f} s "
           f"per patch, 1 thread\n\n| step | CPU s per step | x nnU-Net |\n|---|---|---|")
     base = rows[f"nnU-Net batch ({args.batch} full)"]
     for k, v in rows.items():
@@ -84,8 +84,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"patch": list(patch), "initial_patch": list(initial), "full_s_per_patch": t_full,
-                       "light_s_per_patch": t_light, "cpu_s_per_step": rows, "machine": platform.processor(),
-                       "torch": torch.__version__}, f, indent=2)
+                       "group_s_per_patch": t_group, "cpu_s_per_step": rows,
+                       "machine": machine_description()}, f, indent=2)
 
 
 if __name__ == "__main__":

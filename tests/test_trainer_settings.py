@@ -41,25 +41,34 @@ def test_unknown_reward_is_refused(planned_dataset, monkeypatch, tmp_path):
         _trainer(Bad, planned_dataset, monkeypatch, tmp_path)
 
 
-@pytest.mark.parametrize("whole_group", [False, True])
-def test_focus_trains_on_the_slots_the_loader_augmented(planned_dataset, monkeypatch, tmp_path, whole_group):
-    from nnunetv2_gfscreen.trainers import GFScreenTrainer_FullGroupAug, GFScreenTrainer_Tiny
+def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planned_dataset, monkeypatch, tmp_path):
+    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
 
-    cls = GFScreenTrainer_FullGroupAug if whole_group else GFScreenTrainer_Tiny
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    trainer = _trainer(cls, planned_dataset, monkeypatch, tmp_path)
+    trainer = _trainer(GFScreenTrainer_Tiny, planned_dataset, monkeypatch, tmp_path)
     trainer.initialize()
     dl_tr, _ = trainer.get_dataloaders()
-    loader = dl_tr.data_loader
-    assert (loader.light_transforms is None) == whole_group
     batch = next(dl_tr)
     n = trainer.gfscreen.group_size
-    assert batch["data"].shape[0] == n and int(batch["focus_slots"].sum()) == trainer.batch_size
-    assert [t.shape[0] for t in batch["target"]] == [n] * len(batch["target"])  # deep supervision targets
-    seen = []
-    loss = trainer.loss
-    monkeypatch.setattr(trainer, "loss", lambda out, target: seen.append(target[0].clone()) or loss(out, target))
+    assert batch["data"].shape[0] == trainer.batch_size and batch["group_data"].shape[0] == n
+    assert [t.shape[0] for t in batch["target"]] == [trainer.batch_size] * len(batch["target"])  # deep supervision
+    assert batch["group_target"].shape == (n, 1, *batch["group_data"].shape[2:])
+    net = trainer._gfscreen_network()
+    seen = {}
+    loss, glance = trainer.loss, net.glance.forward
+
+    def recording_loss(output, target):
+        seen["seg"] = target[0].clone()
+        return loss(output, target)
+
+    def recording_glance(x):
+        seen["glance"] = x.clone()
+        return glance(x)
+
+    monkeypatch.setattr(trainer, "loss", recording_loss)
+    monkeypatch.setattr(net.glance, "forward", recording_glance)
     trainer.network.train()
     out = trainer.train_step(batch)
-    assert torch.equal(seen[0], batch["target"][0][batch["focus_slots"]])  # the Focus's loss saw those slots
+    assert torch.equal(seen["seg"], batch["target"][0])           # the Focus's loss saw nnU-Net's batch
+    assert torch.equal(seen["glance"], batch["group_data"])       # the Glance was trained on the group
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())

@@ -1,11 +1,12 @@
 """GFScreenTrainer: nnU-Net's trainer with a Glance policy trained by GRL next to the Focus.
 
-Per step (METHOD.md): one group of N sub-volumes per CT; nnU-Net's Dice+CE on the Focus for as
-many sub-volumes as the planned batch size; a Focus prediction without gradient for the rest of
-the group; a binary detection reward per sub-volume; group-relative advantages; the GRL loss
+Per step (METHOD.md): nnU-Net's Dice+CE on the Focus for nnU-Net's own batch (its sampling and
+augmentation, unchanged); one group of N sub-volumes per CT, which the Focus predicts without
+gradient; a binary detection reward per sub-volume; group-relative advantages; the GRL loss
 (clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced CE);
 L = L_seg + L_GRL. Everything else (plans, data, augmentation, schedule, logging, checkpoint
-layout, final validation) is nnU-Net's.
+layout, final validation) is nnU-Net's. Why the Focus batch is not taken from the group:
+group_sampling.py.
 """
 import os
 from copy import deepcopy
@@ -20,6 +21,7 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -48,9 +50,6 @@ class GFScreenTrainer(nnUNetTrainer):
     reward_kind: str = "binary"
     glance_objective: str = "grl"
     use_alpha_ce: bool = True
-    # False: only the sub-volumes the Focus trains on get nnU-Net's full augmentation, the rest of the
-    # group is cropped and mirrored (see group_sampling.py for why); True: every sub-volume is augmented
-    augment_whole_group: bool = False
     settings_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -145,13 +144,11 @@ class GFScreenTrainer(nnUNetTrainer):
             foreground_labels=self.label_manager.foreground_labels, regions=regions,
             ignore_label=self.label_manager.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        light_transforms = None if self.augment_whole_group else self.get_light_group_transforms(
-            val_transforms, mirror_axes)
-        dl_tr = GroupDataLoader(dataset_tr, self.gfscreen.group_size, self.gfscreen.groups_per_step,
-                                initial_patch_size, patch_size, self.label_manager,
-                                lesion_share=self.gfscreen.lesion_share, transforms=tr_transforms,
-                                light_transforms=light_transforms, focus_slots=min(
-                                    self.batch_size, self.gfscreen.group_size * self.gfscreen.groups_per_step))
+        dl_tr = GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                                self.oversample_foreground_percent, self.gfscreen.group_size,
+                                self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
+                                group_transforms=self.get_group_transforms(mirror_axes),
+                                probabilistic_oversampling=self.probabilistic_oversampling)
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
                                   transforms=val_transforms,
@@ -169,11 +166,11 @@ class GFScreenTrainer(nnUNetTrainer):
         return mt_gen_train, mt_gen_val
 
     @staticmethod
-    def get_light_group_transforms(val_transforms: ComposeTransforms, mirror_axes) -> ComposeTransforms:
-        """Transforms of the group slots the Focus does not train on: mirroring (if the trainer mirrors),
-        then nnU-Net's validation transforms (label handling, deep-supervision targets)."""
+    def get_group_transforms(mirror_axes) -> ComposeTransforms:
+        """Transforms of the GRL group's sub-volumes: mirroring (if the trainer mirrors) and nnU-Net's clean-up of
+        the padding label; no intensity or spatial augmentation, so they look like the tiles seen at inference."""
         mirror = [MirrorTransform(allowed_axes=mirror_axes)] if mirror_axes else []
-        return ComposeTransforms(mirror + list(val_transforms.transforms))
+        return ComposeTransforms(mirror + [RemoveLabelTansform(-1, 0)])
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
@@ -190,27 +187,18 @@ class GFScreenTrainer(nnUNetTrainer):
         """Predicted lesion mask (B, 1, *patch) from softmax logits (B, K, *patch): argmax is a foreground class."""
         return logits.argmax(1, keepdim=True) > 0
 
-    def _focus_predictions(self, data: torch.Tensor, target, grad_idx: torch.Tensor):
-        """Focus outputs with gradient on `grad_idx`, and the lesion prediction for every sub-volume.
-
-        Returns (seg loss, predicted lesion mask (B, 1, *patch) bool).
-        """
-        n = data.shape[0]
-        pick = lambda t: [i[grad_idx] for i in t] if isinstance(t, list) else t[grad_idx]
+    @torch.no_grad()
+    def _group_predictions(self, group_data: torch.Tensor) -> torch.Tensor:
+        """The Focus's lesion prediction (G*N, 1, *patch) bool for every group sub-volume, without gradient,
+        in chunks of the planned batch size (fp16 on CUDA)."""
+        pred_fg = torch.empty((group_data.shape[0], 1, *group_data.shape[2:]), dtype=torch.bool,
+                              device=group_data.device)
         with self._autocast():
-            output = self.network(data[grad_idx])
-            seg_loss = self.loss(output, pick(target))
-        full = output[0] if isinstance(output, list) else output
-        pred_fg = torch.zeros((n, 1, *data.shape[2:]), dtype=torch.bool, device=data.device)
-        pred_fg[grad_idx] = self._foreground(full.detach())
-        rest = torch.ones(n, dtype=torch.bool, device=data.device)
-        rest[grad_idx] = False
-        rest_idx = torch.nonzero(rest).flatten()
-        with torch.no_grad(), self._autocast():
-            for chunk in torch.split(rest_idx, max(1, self.batch_size)):
-                out = self.network(data[chunk])
+            for chunk in torch.split(torch.arange(group_data.shape[0], device=group_data.device),
+                                     max(1, self.batch_size)):
+                out = self.network(group_data[chunk])
                 pred_fg[chunk] = self._foreground(out[0] if isinstance(out, list) else out)
-        return seg_loss, pred_fg
+        return pred_fg
 
     def _glance_loss(self, glance_logits, ref_logits, rewards, lesion, group_ids):
         """The Glance objective of this trainer (GRL, or the CE baselines of the paper's ablation)."""
@@ -223,36 +211,33 @@ class GFScreenTrainer(nnUNetTrainer):
             return {"grl_clip": zero, "grl_kl": zero, "grl_ce": ce, "grl_losses": ce}
         alpha = self.gfscreen.alpha if self.use_alpha_ce else 0.0
         terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
-                         beta=self.gfscreen.beta, alpha=alpha)
+                         beta=self.gfscreen.beta, alpha=alpha, dual_clip=self.gfscreen.dual_clip or None)
         return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
 
     def train_step(self, batch: dict) -> dict:
+        """nnU-Net's Focus step on its own batch, plus the GRL step of the Glance on the batch's groups."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        group_ids = batch["group_ids"].to(self.device)
-        n = data.shape[0]
-        # Focus gradients on as many sub-volumes as nnU-Net's planned batch, drawn at random from the
-        # groups so their lesion share matches the groups' (and nnU-Net's oversampling); the loader
-        # drew them and gave only them nnU-Net's full augmentation
-        if "focus_slots" in batch:
-            grad_idx = torch.nonzero(batch["focus_slots"]).flatten().to(self.device)
-        else:
-            grad_idx = torch.randperm(n, device=self.device)[:min(self.batch_size, n)]
+        group_data = batch["group_data"].to(self.device, non_blocking=True)
+        group_target = batch["group_target"].to(self.device, non_blocking=True)
+        group_ids = batch["group_ids"].to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.glance_optimizer.zero_grad(set_to_none=True)
-        seg_loss, pred_fg = self._focus_predictions(data, target, grad_idx)
+        with self._autocast():
+            seg_loss = self.loss(self.network(data), target)
 
-        gt_fg, valid = self._lesion_masks(target[0] if isinstance(target, list) else target)
+        pred_fg = self._group_predictions(group_data)
+        gt_fg, valid = self._lesion_masks(group_target)
         rewards = REWARDS[self.reward_kind](pred_fg, gt_fg, valid)
         lesion = gt_fg.flatten(1).any(1).float()
         net = self._gfscreen_network()
         with self._autocast():
-            glance_logits = net.glance(data).float()
+            glance_logits = net.glance(group_data).float()
             with torch.no_grad():
-                ref_logits = self.reference_glance(data).float()
+                ref_logits = self.reference_glance(group_data).float()
         glance_terms = self._glance_loss(glance_logits, ref_logits, rewards, lesion, group_ids)
         loss = seg_loss + glance_terms["grl_losses"]
 

@@ -13,7 +13,6 @@ from nnunetv2_gfscreen.trainers.variants import (
     GFScreenTrainer_Demo,
     GFScreenTrainer_DemoLong,
     GFScreenTrainer_DiceReward,
-    GFScreenTrainer_FullGroupAug,
     GFScreenTrainer_Group4,
     GFScreenTrainer_NoAlphaCE,
     GFScreenTrainer_PlainCE,
@@ -21,7 +20,7 @@ from nnunetv2_gfscreen.trainers.variants import (
 )
 
 __all__ = ["GFScreenTrainer", "GFScreenTrainer_BalancedCE", "GFScreenTrainer_Demo", "GFScreenTrainer_DemoLong",
-           "GFScreenTrainer_DiceReward", "GFScreenTrainer_FullGroupAug",
+           "GFScreenTrainer_DiceReward",
            "GFScreenTrainer_Group4", "GFScreenTrainer_NoAlphaCE", "GFScreenTrainer_PlainCE", "GFScreenTrainer_Tiny",
            "GFScreenTrainer_Short", "GFScreenTrainer_PlainCE_Short", "GFScreenTrainer_BalancedCE_Short",
            "GFScreenTrainer_DiceReward_Short", "GFScreenTrainer_NoAlphaCE_Short", "GFScreenTrainer_Group4_Short"]

@@ -32,11 +32,6 @@ class GFScreenTrainer_Group4(GFScreenTrainer):
     settings_overrides = {"group_size": 4}
 
 
-class GFScreenTrainer_FullGroupAug(GFScreenTrainer):
-    """Every sub-volume of a group gets nnU-Net's full augmentation, not only the Focus's (slower loading)."""
-    augment_whole_group = True
-
-
 class _ShortRun:
     """Few epochs and iterations, no mirroring: for tests and the CPU demo."""
     short_epochs = 2
