@@ -14,13 +14,12 @@ our first version did.
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.configuration import ANISO_THRESHOLD
 
 from nnunetv2_gfscreen.demo import machine_description
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
@@ -29,15 +28,11 @@ from nnunetv2_gfscreen.trainers.group_sampling import centre_crop
 
 def nnunet_like_transforms(patch_size, num_pools: int = 5):
     """Initial patch size, training and group transforms as nnU-Net's trainer configures them for a 3D patch
-    (configure_rotation_dummyDA_mirroring_and_inital_patch_size; CT, one channel)."""
-    if max(patch_size) / patch_size[0] > ANISO_THRESHOLD:   # nnU-Net's dummy-2D rule
-        rotation, dummy_2d = (-np.pi, np.pi), True
-    else:
-        rotation, dummy_2d = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi), False
-    mirror_axes = (0, 1, 2)
-    initial = get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))
-    if dummy_2d:
-        initial[0] = patch_size[0]
+    (CT, one channel): its own configure_rotation_dummyDA_mirroring_and_inital_patch_size on a stand-in trainer."""
+    stand_in = SimpleNamespace(configuration_manager=SimpleNamespace(patch_size=list(patch_size)),
+                               print_to_log_file=lambda *args, **kwargs: None)
+    rotation, dummy_2d, initial, mirror_axes = \
+        nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size(stand_in)
     ds_scales = [[1.0, 1.0, 1.0]] + [[0.5 ** k] * 3 for k in range(1, num_pools)]
     tr = nnUNetTrainer.get_training_transforms(patch_size, rotation, ds_scales, mirror_axes, dummy_2d,
                                                use_mask_for_norm=[False], is_cascaded=False, foreground_labels=[1],

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.stats import rankdata
 
 from nnunetv2_gfscreen.demo import DemoSettings, Runner, machine_description
 from nnunetv2_gfscreen.evaluation.reports import load_report
@@ -71,17 +72,7 @@ def tile_auc(report_dir: Path, labels_dir: Path) -> dict:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return {"auc": None, "lesion_tiles": n_pos, "other_tiles": n_neg}
-    # Mann-Whitney U with average ranks for ties
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks = rankdata(scores)   # Mann-Whitney U, average ranks for ties
     auc = (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return {"auc": float(auc), "lesion_tiles": n_pos, "other_tiles": n_neg}
 

@@ -191,14 +191,12 @@ class GFScreenTrainer(nnUNetTrainer):
     def _group_predictions(self, group_data: torch.Tensor) -> torch.Tensor:
         """The Focus's lesion prediction (G*N, 1, *patch) bool for every group sub-volume, without gradient,
         in chunks of the planned batch size (fp16 on CUDA)."""
-        pred_fg = torch.empty((group_data.shape[0], 1, *group_data.shape[2:]), dtype=torch.bool,
-                              device=group_data.device)
+        pred_fg = []
         with self._autocast():
-            for chunk in torch.split(torch.arange(group_data.shape[0], device=group_data.device),
-                                     max(1, self.batch_size)):
-                out = self.network(group_data[chunk])
-                pred_fg[chunk] = self._foreground(out[0] if isinstance(out, list) else out)
-        return pred_fg
+            for chunk in torch.split(group_data, max(1, self.batch_size)):
+                out = self.network(chunk)
+                pred_fg.append(self._foreground(out[0] if isinstance(out, list) else out))
+        return torch.cat(pred_fg)
 
     def _glance_loss(self, glance_logits, ref_logits, rewards, lesion, group_ids):
         """The Glance objective of this trainer (GRL, or the CE baselines of the paper's ablation)."""
@@ -214,12 +212,15 @@ class GFScreenTrainer(nnUNetTrainer):
                          beta=self.gfscreen.beta, alpha=alpha, dual_clip=self.gfscreen.dual_clip or None)
         return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
 
-    def train_step(self, batch: dict) -> dict:
-        """nnU-Net's Focus step on its own batch, plus the GRL step of the Glance on the batch's groups."""
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
+    def _to_device(self, data: torch.Tensor, target):
+        """data and target (a tensor or nnU-Net's deep-supervision list) on the trainer's device."""
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
+        return data.to(self.device, non_blocking=True), target
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's Focus step on its own batch, plus the GRL step of the Glance on the batch's groups."""
+        data, target = self._to_device(batch["data"], batch["target"])
         group_data = batch["group_data"].to(self.device, non_blocking=True)
         group_target = batch["group_target"].to(self.device, non_blocking=True)
         group_ids = batch["group_ids"].to(self.device, non_blocking=True)
@@ -281,10 +282,7 @@ class GFScreenTrainer(nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's validation step plus the Glance's tile confusion counts on the validation patches."""
         net = self._gfscreen_network()
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        data, target = self._to_device(batch["data"], batch["target"])
         with self._autocast():
             selected = net.glance_probabilities(data) > net.threshold
         lesion = self._lesion_masks(target[0] if isinstance(target, list) else target)[0].flatten(1).any(1)

@@ -25,7 +25,9 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
-    """Central `size` crop of the trailing spatial axes of x (C, *spatial); size <= x's spatial shape."""
+    """Central `size` crop of the trailing spatial axes of x (C, *spatial); size <= x's spatial shape.
+
+    The same centre as the group loader's crop (see GroupDataLoader._group_sample), for patches in memory."""
     spatial = x.shape[1:]
     if len(size) != len(spatial) or any(s < p for s, p in zip(spatial, size)):
         raise ValueError(f"cannot crop {tuple(size)} from a patch of {tuple(spatial)}")
@@ -68,11 +70,11 @@ class GroupDataLoader(nnUNetDataLoader):
 
     def _group_sample(self, data, seg, properties, slot: int):
         bbox_lbs, bbox_ubs = self.get_bbox(data.shape[1:], self.group_slot_forced(slot), properties['class_locations'])
-        bbox = [[lo, hi] for lo, hi in zip(bbox_lbs, bbox_ubs)]
-        image = centre_crop(torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float(), self.final_patch_size)
-        segmentation = centre_crop(
-            torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16),
-            self.final_patch_size)
+        # the centre of nnU-Net's (initial-size) box, read directly: nothing outside the final patch is loaded
+        bbox = [[lo + (hi - lo - p) // 2, lo + (hi - lo - p) // 2 + p]
+                for lo, hi, p in zip(bbox_lbs, bbox_ubs, self.final_patch_size)]
+        image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+        segmentation = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
         if self.group_transforms is not None:
             out = self.group_transforms(**{'image': image, 'segmentation': segmentation})
             image, segmentation = out['image'], out['segmentation']
