@@ -3,7 +3,7 @@
 Arms (METHOD.md): plain CE, class-balanced CE, GRL with the Dice reward, GRL with the binary
 reward, GRL + binary reward + alpha CE (GF-Screen), and GF-Screen with groups of 4 instead of 16.
 Every arm trains on the same planned dataset (the demo's steps), gets its gate calibrated to the
-same tile sensitivity on its validation cases (or a fixed `--threshold`), predicts the test cases
+same lesion-level sensitivity on its validation cases (or a fixed `--threshold`), predicts the test cases
 gated and is evaluated; one Markdown table and one JSON hold the results.
 
 `--quick` uses the short variants (trainers/ablation_variants.py) and a small dataset for a CPU;
@@ -98,7 +98,7 @@ def run_ablation(root: Path, settings: DemoSettings, arms: Sequence[Tuple[str, s
         r.say("\n" + format_ablation_table(rows))
     table = format_ablation_table(rows)
     gate = (f"fixed gate threshold {threshold}" if threshold is not None else
-            f"gate threshold of each arm calibrated on its validation cases to tile sensitivity "
+            f"gate threshold of each arm calibrated on its validation cases to lesion-level sensitivity "
             f"{settings.target_sensitivity}")
     notes = [f"{settings.num_test} synthetic test cases of {list(settings.shape)} voxels, fold 0 models, {gate}.",
              "Selection ratio and Glance tile sensitivity/specificity come from the gated predictor's "

@@ -104,8 +104,14 @@ def test_training_calibrates_the_gate_before_final_validation(trained_fold):
     stored = json.loads((fold / "gfscreen_calibration.json").read_text())["checkpoints"]["checkpoint_final.pth"]
     final = _load(fold / "checkpoint_final.pth")
     assert float(final["network_weights"]["threshold"]) == pytest.approx(stored["threshold"])
-    if stored["tiles_positive"]:
-        assert stored["tile_sensitivity"] >= stored["target_sensitivity"]
+    assert final["gfscreen_calibration"] == stored  # the checkpoint carries its calibration too
+    if stored["n_lesions"]:
+        assert stored["lesion_sensitivity"] >= stored["target_lesion_sensitivity"]
+    # the final validation predicted each validation case at its leave-one-case-out threshold
+    validated = {p.name[:-len(".nii.gz")] for p in (fold / "validation").glob("*.nii.gz")}
+    assert {r["case"] for r in stored["loco"]["cases"]} == validated
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "leave-one-case-out threshold" in log
 
 
 def test_flare_predict_sh_writes_only_binary_masks(trained_fold, tmp_path):

@@ -51,3 +51,16 @@ def test_plans_manager_resolves_the_gfscreen_configuration(planned_dataset):
     conf = PlansManager(str(planned_dataset["plans_file"])).get_configuration("3d_fullres_gfscreen")
     assert GFScreenSettings.from_configuration(conf.configuration).group_size == 4
     assert conf.data_identifier == "nnUNetPlans_3d_fullres"  # reuses the 3d_fullres preprocessed data
+
+
+def test_renamed_calibration_target_is_refused_with_its_new_name(tmp_path):
+    assert GFScreenSettings().target_lesion_sensitivity == 0.98
+    assert GFScreenSettings.from_dict({"target_lesion_sensitivity": "0.9"}).target_lesion_sensitivity == 0.9
+    with pytest.raises(ValueError, match="target_tile_sensitivity.*target_lesion_sensitivity"):
+        GFScreenSettings.from_dict({"target_tile_sensitivity": 0.98})
+    with pytest.raises(ValueError, match="target_lesion_sensitivity"):  # nnUNetv2_gfscreen_plan --set
+        add_gfscreen_configuration(str(_plans(tmp_path)), overrides={"target_tile_sensitivity": "0.9"})
+    # an existing model's plans (written before the rename) still rebuild the network for inference
+    with pytest.warns(UserWarning, match="target_tile_sensitivity"):
+        old = GFScreenSettings.from_configuration({"gfscreen": {"group_size": 8, "target_tile_sensitivity": 0.9}})
+    assert old.group_size == 8 and old.target_lesion_sensitivity == 0.98

@@ -15,7 +15,7 @@ import os
 import time
 from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.helpers import empty_cache
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
-from nnunetv2_gfscreen.predictors.calibration import load_calibration, threshold_for_sensitivity
+from nnunetv2_gfscreen.coverage import choose_threshold, curve_at
+from nnunetv2_gfscreen.predictors.calibration_store import load_calibration
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, TORCH_IO_MODES, \
     selected_tiles_bbox
 from nnunetv2_gfscreen.predictors.pipeline import run_pipeline
@@ -221,12 +222,16 @@ def _parser() -> argparse.ArgumentParser:
                         "functions), or 'auto' (on for -device cuda). Falls back to the CPU per case when GPU "
                         "memory runs out. Default: auto")
     gate = p.add_argument_group('GF-Screen gating')
-    choose = gate.add_mutually_exclusive_group()
-    choose.add_argument('--threshold', type=float, default=None,
-                        help="Gate threshold on p(select) for all folds, instead of each fold's stored one.")
-    choose.add_argument('--target_sensitivity', type=float, default=None,
-                        help='Choose each fold\'s threshold from its stored calibration table '
-                             '(gfscreen_calibration.json) for this tile sensitivity.')
+    gate.add_argument('--threshold', type=float, default=None,
+                      help="Gate threshold on p(select) for all folds, instead of each fold's stored one.")
+    gate.add_argument('--target_sensitivity', type=float, default=None,
+                      help="Choose each fold's threshold from its stored calibration curve: the highest whose "
+                           "lesion-level sensitivity (share of validation lesions with >= 90%% of their voxels in "
+                           "selected tiles) is >= this.")
+    gate.add_argument('--max_selection', type=float, default=None,
+                      help="Choose each fold's threshold from its stored calibration curve: the lowest whose "
+                           "selection ratio (share of tiles sent to the Focus) is <= this. With "
+                           "--target_sensitivity: that target's threshold, raised if needed to stay within this.")
     gate.add_argument('--dense', action='store_true', help='Run every tile through the Focus (comparison mode).')
     gate.add_argument('--tile_batch_size', type=int, default=4, help='Tiles per Focus forward pass. Default: 4')
     gate.add_argument('--report_dir', type=str, default=None,
@@ -234,6 +239,30 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument('--png', action='store_true',
                       help='Also write <case>.png: CT max projection with selected tiles and predicted lesions.')
     return p
+
+
+def thresholds_from_calibration(model_folder: str, folds: Sequence, checkpoint_name: str,
+                                target_sensitivity: Optional[float] = None,
+                                max_selection: Optional[float] = None) -> List[float]:
+    """Each fold's threshold from its stored operating curve (`coverage.choose_threshold`); prints them with
+    the curve's selection ratio and lesion-level sensitivity at them and which constraint bound."""
+    wanted = [f"lesion-level sensitivity >= {target_sensitivity}"] if target_sensitivity is not None else []
+    wanted += [f"selection ratio <= {max_selection}"] if max_selection is not None else []
+    print(f"gate thresholds from the stored calibration curves for {' and '.join(wanted)}:")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    thresholds = []
+    for f in folds:
+        calibration = load_calibration(join(model_folder, f'fold_{f}'), checkpoint_name)
+        if "curve" not in calibration:
+            raise ValueError(f"fold {f}'s calibration predates lesion-level calibration (it has no operating "
+                             f"curve); run nnUNetv2_gfscreen_calibrate for it again")
+        t, bound = choose_threshold(calibration["curve"], target_sensitivity, max_selection)
+        row = curve_at(calibration["curve"], t)
+        print(f"  fold {f}: threshold {t:.6g} (bound by the {bound}): selection ratio "
+              f"{fmt(row['selection_ratio'])}, lesion-level sensitivity {fmt(row['lesion_sensitivity'])} "
+              f"on its calibration cases")
+        thresholds.append(t)
+    return thresholds
 
 
 def _device(name: str) -> torch.device:
@@ -264,6 +293,9 @@ def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
         raise ValueError(f"--tile_batch_size must be >= 1, got {args.tile_batch_size}")
     if args.prev_stage_predictions is not None:
         raise NotImplementedError("GF-Screen does not support cascaded models (-prev_stage_predictions)")
+    if args.threshold is not None and (args.target_sensitivity is not None or args.max_selection is not None):
+        raise ValueError("--threshold fixes the gate threshold; it cannot be combined with --target_sensitivity "
+                         "or --max_selection, which choose it from the stored calibration")
     model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
     predictor = GFScreenPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                   use_mirroring=not args.disable_tta,
@@ -272,12 +304,9 @@ def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
                                   allow_tqdm=not args.disable_progress_bar, threshold=args.threshold,
                                   dense=args.dense, tile_batch_size=args.tile_batch_size, torch_io=args.torch_io)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
-    if args.target_sensitivity is not None:
-        thresholds = [threshold_for_sensitivity(load_calibration(join(model_folder, f'fold_{f}'), args.chk)['table'],
-                                                args.target_sensitivity) for f in folds]
-        print(f"thresholds for tile sensitivity {args.target_sensitivity}: "
-              + ", ".join(f"fold {f}: {t:.6g}" for f, t in zip(folds, thresholds)))
-        predictor.set_fold_thresholds(thresholds)
+    if args.target_sensitivity is not None or args.max_selection is not None:
+        predictor.set_fold_thresholds(thresholds_from_calibration(model_folder, folds, args.chk,
+                                                                  args.target_sensitivity, args.max_selection))
     return predict_folder(predictor, args.i, args.o, args.report_dir, args.png, args.save_probabilities,
                           overwrite=not args.continue_prediction, num_parts=args.num_parts, part_id=args.part_id,
                           num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)
