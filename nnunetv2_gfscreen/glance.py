@@ -1,8 +1,11 @@
 """The Glance: a cheap 3D classifier that scores p(select | tile) for every sliding-window tile.
 
 It sees each Focus tile at reduced resolution (``input_scale``), runs a light residual encoder
-from dynamic-network-architectures (``ResidualEncoder`` with ``BasicBlockD``, i.e. ResNet-D blocks),
-averages the last feature map and maps it to one logit. Its cost is meant to stay below 5% of the
+from dynamic-network-architectures (``ResidualEncoder`` with ``BasicBlockD``, i.e. ResNet-D blocks)
+and maps pooled features to one logit. A 1x1 convolution on an early stage also predicts a coarse
+lesion map (the dense head): trained on the lesion mask, it gives every voxel of a training tile a
+target instead of one bit per tile, and the maximum of that map over the tile's central region is
+the feature a selection logit most needs ("a lesion sits in this tile, not only at its edge"). Its cost is meant to stay below 5% of the
 Focus network per tile, so that scoring every tile is cheap next to segmenting the selected ones.
 """
 import math
@@ -77,7 +80,12 @@ class GlanceNet(nn.Module):
     with ``glance_strides``; with neither, stage 0 strides in-plane only (1, 2, 2) and later stages
     isotropically (2, 2, 2), which suits typical CT tiles (z shorter than y, x).
 
-    Head: global mean and max pooling, concatenated, then a Linear (see __init__ for why the max).
+    Head: global mean and max pooling of the last stage, concatenated with the maximum of the dense
+    lesion map over the tile's central region (the middle half per axis) and over the whole tile, then
+    a Linear (see __init__ for why the max). The dense head (``dense_stage``, a 1x1 convolution on that
+    stage's output) is returned by ``forward_dense`` for its auxiliary loss; ``dense_stage=None``
+    drops it. At tile step 0.5 the central regions of nnU-Net's tiles partition the volume's interior,
+    so "lesion in my central region" marks the one tile per lesion part that holds it with margin.
 
     Initialisation: He init for convolutions (as nnU-Net), the final Linear has weights
     N(0, 0.01^2) and bias 0, so the initial p(select) is about 0.5 for every tile.
@@ -95,7 +103,8 @@ class GlanceNet(nn.Module):
                  norm_op_kwargs: Optional[dict] = None,
                  nonlin: Type[nn.Module] = nn.LeakyReLU,
                  nonlin_kwargs: Optional[dict] = None,
-                 min_feature_map_size: int = 4):
+                 min_feature_map_size: int = 4,
+                 dense_stage: Optional[int] = 1):
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -132,17 +141,29 @@ class GlanceNet(nn.Module):
         self.strides = strides
         self.total_stride = tuple(math.prod(s[a] for s in strides) for a in range(3))
 
+        if dense_stage is not None and not 0 <= dense_stage < n_stages:
+            raise ValueError(f"dense_stage must be None or a stage index in [0, {n_stages - 1}], got {dense_stage}")
+        self.dense_stage = dense_stage
         self.encoder = ResidualEncoder(
             in_channels, n_stages, list(features_per_stage), nn.Conv3d, kernel_size, strides,
             list(blocks_per_stage), conv_bias=False, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
-            nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, block=BasicBlockD, return_skips=False)
+            nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, block=BasicBlockD, return_skips=True)
+        self.dense_head = nn.Conv3d(features_per_stage[dense_stage], 1, 1) if dense_stage is not None else None
         # mean and max over space: after instance normalisation a channel's spatial mean is just its
         # affine bias, so average pooling alone discards most of the input; the max keeps "a strong
         # local response somewhere in the tile", which is what a small lesion produces
-        self.head = nn.Linear(2 * features_per_stage[-1], 1)
+        n_dense = 2 if dense_stage is not None else 0
+        self.head = nn.Linear(2 * features_per_stage[-1] + n_dense, 1)
         self.encoder.apply(InitWeights_He(1e-2))
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
+        if self.dense_head is not None:
+            # the map starts near 0 so that p(select) starts at about 0.5; its central maximum enters the
+            # logit with weight 1 (the map is trained as a lesion logit, so that is the natural scale)
+            nn.init.normal_(self.dense_head.weight, std=0.01)
+            nn.init.zeros_(self.dense_head.bias)
+            with torch.no_grad():
+                self.head.weight[0, -2] = 1.0
 
     def internal_shape(self, tile_shape: Sequence[int]) -> Tuple[int, int, int]:
         """Spatial shape the encoder sees for a tile of ``tile_shape``: ~``input_scale`` times it,
@@ -150,23 +171,38 @@ class GlanceNet(nn.Module):
         target = scaled_shape(tile_shape, self.input_scale)
         return tuple(max(2, round(t / s)) * s for t, s in zip(target, self.total_stride))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, D, H, W) -> select logits (B,)."""
+    def forward_dense(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """x: (B, C, D, H, W) -> (select logits (B,), dense lesion logits (B, 1, d, h, w) or None)."""
         if x.ndim != 5:
             raise ValueError(f"GlanceNet expects (B, C, D, H, W), got shape {tuple(x.shape)}")
         shape = self.internal_shape(x.shape[2:])
         if tuple(x.shape[2:]) != shape:
             x = F.adaptive_avg_pool3d(x, shape)
-        x = self.encoder(x).flatten(2)
-        return self.head(torch.cat([x.mean(2), x.amax(2)], dim=1))[:, 0]
+        skips = self.encoder(x)
+        last = skips[-1].flatten(2)
+        features = [last.mean(2), last.amax(2)]
+        dense = None
+        if self.dense_head is not None:
+            dense = self.dense_head(skips[self.dense_stage])
+            centre = dense[(slice(None), slice(None)) + tuple(slice(s // 4, s - s // 4) for s in dense.shape[2:])]
+            features += [centre.flatten(1).amax(1, keepdim=True), dense.flatten(1).amax(1, keepdim=True)]
+        return self.head(torch.cat(features, dim=1))[:, 0], dense
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, D, H, W) -> select logits (B,)."""
+        return self.forward_dense(x)[0]
 
 
 def build_glance(in_channels: int, patch_size: Sequence[int],
-                 input_scale: Union[float, Sequence[float]] = 0.5) -> GlanceNet:
+                 input_scale: Union[float, Sequence[float]] = 0.5, base_features: int = 16) -> GlanceNet:
     """The default Glance for Focus tiles of ``patch_size`` (z, y, x).
 
-    Five ResNet-D stages (16-256 features, 2 blocks each, the ResNet-18 layout) on the tile at half
-    resolution, strides from ``glance_strides``. For nnU-Net's default 48x224x192 CT tile this
-    costs about 1% of the 3d_fullres PlainConvUNet's FLOPs (see tests/test_glance.py).
+    Five ResNet-D stages (``base_features`` x 1, 2, 4, 8, 16 features, 2 blocks each: the ResNet-18
+    layout at 16) on the tile at half resolution, strides from ``glance_strides``, the dense head on
+    stage 1. For nnU-Net's default 48x224x192 CT tile this costs about 1% of the 3d_fullres
+    PlainConvUNet's FLOPs (see tests/test_glance.py); narrower Glances suit CPU experiments.
     """
-    return GlanceNet(in_channels, input_scale=input_scale, patch_size=patch_size)
+    if base_features < 1:
+        raise ValueError(f"base_features must be >= 1, got {base_features}")
+    return GlanceNet(in_channels, input_scale=input_scale, patch_size=patch_size,
+                     features_per_stage=tuple(base_features * 2 ** i for i in range(5)))

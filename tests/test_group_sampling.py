@@ -6,7 +6,10 @@ import torch
 
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader, centre_crop
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+from nnunetv2_gfscreen.trainers.group_sampling import (GroupDataLoader, central_region, centre_crop, shifted_grid,
+                                                       tiles_with_lesion)
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +47,15 @@ def test_groups_come_from_one_ct_each_with_lesion_share(loader_parts):
         assert groups["group_data"].shape == (18, 1, 16, 48, 48)
         assert groups["group_target"].shape == (18, 1, 16, 48, 48)
         assert groups["group_ids"].tolist() == [g for g in range(3) for _ in range(6)]
-        has_lesion = (groups["group_target"] > 0).flatten(1).any(1).reshape(3, 6)
+        label = groups["group_lesion"].reshape(3, 6)
         for g, key in enumerate(groups["group_keys"]):
             _, _, _, props = ds.load_case(key)
             if len(props["class_locations"][1]):
-                # the last 3 of 6 slots are forced onto lesion voxels in CTs that have lesions
-                assert has_lesion[g, 3:].all()
+                # the last 3 of 6 slots come from grid tiles whose central region holds lesion
+                assert (label[g, 3:] == 1).all()
                 lesion_seen += 1
+            else:
+                assert (label[g] == 0).all()
     assert lesion_seen > 0
 
 
@@ -65,21 +70,60 @@ def test_focus_batch_is_nnunets_and_groups_get_their_own_transforms(loader_parts
     assert (batch["group_data"].flatten(1).mean(1) < -500).all()
 
 
-def test_group_slots_are_unaltered_centre_crops_of_the_case(loader_parts):
+def test_group_slots_are_tiles_of_one_shifted_sliding_window_grid(loader_parts):
     ds, lm = loader_parts
     np.random.seed(2)
-    # initial patch larger than the final one, as nnU-Net's rotation margin makes it
-    dl = _loader(ds, lm, patch_size=(24, 64, 64), group_size=4, groups_per_batch=1)
-    groups = dl.generate_groups()
-    data, seg, _, _ = ds.load_case(groups["group_keys"][0])
-    data, seg = np.asarray(data[0]), np.asarray(seg[0])
-    for j in range(4):
-        crop = groups["group_data"][j, 0].numpy()
-        # the crop lies inside the case (the centre of the padded initial patch): find it by one interior voxel
-        hits = np.argwhere(np.isclose(data, crop[8, 24, 24]))
-        assert any(np.array_equal(data[z - 8:z + 8, y - 24:y + 24, x - 24:x + 24], crop)
-                   and np.array_equal(seg[z - 8:z + 8, y - 24:y + 24, x - 24:x + 24], groups["group_target"][j, 0].numpy())
-                   for z, y, x in hits if z >= 8 and y >= 24 and x >= 24), f"slot {j} is not an unaltered crop"
+    patch = (16, 48, 48)
+    # initial patch larger than the final one, as nnU-Net's rotation margin makes it: the group ignores it
+    dl = _loader(ds, lm, patch_size=(24, 64, 64), group_size=8, groups_per_batch=1)
+    for _ in range(3):
+        groups = dl.generate_groups()
+        data, seg, _, _ = ds.load_case(groups["group_keys"][0])
+        data, seg = np.asarray(data), np.asarray(seg)
+        shape = data.shape[1:]
+        steps = compute_steps_for_sliding_window(tuple(max(s, p) for s, p in zip(shape, patch)), patch, 0.5)
+        offsets = set()
+        for j, start in enumerate(groups["group_starts"]):
+            bbox = [[s, s + p] for s, p in zip(start, patch)]
+            assert np.array_equal(crop_and_pad_nd(data, bbox, 0), groups["group_data"][j].numpy())
+            target = crop_and_pad_nd(seg, bbox, -1)
+            assert np.array_equal(target, groups["group_target"][j].numpy())   # -1 outside: the trainer's transforms clear it
+            # one offset for the whole grid, at most half a step (the step is half a patch) per axis
+            offset = []
+            for a in range(3):
+                cands = [start[a] - s for s in steps[a] if abs(start[a] - s) <= patch[a] // 4]
+                assert cands, f"slot {j} axis {a}: start {start[a]} is not on the grid {steps[a]} +- a quarter patch"
+                offset.append(cands)
+            offsets.add(tuple(c[0] for c in offset))
+            region = central_region(start, patch, shape)
+            local = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(region, start))
+            assert groups["group_lesion"][j].item() == float((target[(slice(None),) + local] > 0).any())
+        assert len(offsets) == 1
+
+
+def test_grid_shift_central_regions_and_lesion_tiles():
+    class Fixed:
+        def __init__(self, v):
+            self.v = v
+
+        def randint(self, lo, hi):
+            assert lo == -self.bound and hi == self.bound + 1
+            return self.v
+    rng = Fixed(0)
+    rng.bound = 2      # half a step: the step is half the patch
+    # 16 voxels per axis with a patch of 8 and step 0.5: nnU-Net's starts are 0, 4, 8
+    assert shifted_grid((16, 16, 16), (8, 8, 8), 0.5, rng)[:4] == [(0, 0, 0), (0, 0, 4), (0, 0, 8), (0, 4, 0)]
+    rng.v = -2
+    starts = shifted_grid((16, 16, 16), (8, 8, 8), 0.5, rng)
+    assert len(starts) == 27 and starts[0] == (-2, -2, -2) and starts[-1] == (6, 6, 6)
+    # central region: the middle half, untrimmed where the tile reaches the border
+    assert central_region((4, 4, 4), (8, 8, 8), (16, 16, 16)) == [(6, 10)] * 3
+    assert central_region((-3, 8, 4), (8, 8, 8), (16, 16, 16)) == [(-3, 3), (10, 16), (6, 10)]
+    # a lesion voxel at (7, 7, 7) lies in the central region of the tile at 4 only; at (1, 1, 1) in the border tile
+    starts = [(0, 0, 0), (4, 4, 4), (8, 8, 8)]
+    assert tiles_with_lesion(starts, (8, 8, 8), (16, 16, 16), np.array([[7, 7, 7]])).tolist() == [False, True, False]
+    assert tiles_with_lesion(starts, (8, 8, 8), (16, 16, 16), np.array([[1, 1, 1]])).tolist() == [True, False, False]
+    assert tiles_with_lesion(starts, (8, 8, 8), (16, 16, 16), np.zeros((0, 3), int)).tolist() == [False] * 3
 
 
 def test_centre_crop_and_bad_arguments(loader_parts):

@@ -1,4 +1,6 @@
 """GFScreenTrainer construction: settings come from the plans; unsupported set-ups are refused up front."""
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -49,13 +51,16 @@ def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planne
     trainer.initialize()
     dl_tr, _ = trainer.get_dataloaders()
     batch = next(dl_tr)
-    n = trainer.gfscreen.group_size
+    n = trainer.gfscreen.group_size * trainer.gfscreen.groups_per_step
     assert batch["data"].shape[0] == trainer.batch_size and batch["group_data"].shape[0] == n
     assert [t.shape[0] for t in batch["target"]] == [trainer.batch_size] * len(batch["target"])  # deep supervision
     assert batch["group_target"].shape == (n, 1, *batch["group_data"].shape[2:])
     net = trainer._gfscreen_network()
     seen = {}
-    loss, glance = trainer.loss, net.glance.forward
+    loss, glance = trainer.loss, trainer.policy_glance.forward_dense
+    # no intensity augmentation here, so that the Glance's input can be compared with the group
+    monkeypatch.setattr(trainer, "gfscreen", dataclasses.replace(trainer.gfscreen, glance_aug_p=0.0))
+    deployed_before = copy.deepcopy(net.glance.state_dict())
 
     def recording_loss(output, target):
         seen["seg"] = target[0].clone()
@@ -66,9 +71,14 @@ def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planne
         return glance(x)
 
     monkeypatch.setattr(trainer, "loss", recording_loss)
-    monkeypatch.setattr(net.glance, "forward", recording_glance)
+    monkeypatch.setattr(trainer.policy_glance, "forward_dense", recording_glance)
     trainer.network.train()
     out = trainer.train_step(batch)
     assert torch.equal(seen["seg"], batch["target"][0])           # the Focus's loss saw nnU-Net's batch
-    assert torch.equal(seen["glance"], batch["group_data"])       # the Glance was trained on the group
+    assert torch.equal(seen["glance"], batch["group_data"])       # the policy Glance was trained on the group
+    # the deployed Glance moved towards the policy (EMA), and the policy is not the deployed module
+    assert trainer.policy_glance is not net.glance
+    moved = [not torch.equal(deployed_before[k], v) for k, v in net.glance.state_dict().items()]
+    assert any(moved)
+    assert out["glance_dense"] > 0
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())

@@ -4,41 +4,55 @@ A configuration's `gfscreen` block (e.g. in `3d_fullres_gfscreen`, which inherit
 overrides any of the fields below; unknown keys are refused so a typo never silently falls back
 to a default.
 """
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
 PLANS_KEY = "gfscreen"
+# keys that no longer exist, with what replaced them
+RENAMED = {"target_tile_sensitivity": "target_lesion_sensitivity"}
 
 
 @dataclass(frozen=True)
 class GFScreenSettings:
     group_size: int = 16  # N sub-volumes per CT; the paper found N=4 much worse than 16
-    groups_per_step: int = 1  # CTs (groups) per training step
-    lesion_share: float = 0.33  # share of each group forced to contain lesion (nnU-Net's oversampling rate)
+    groups_per_step: int = 2  # CTs (groups) per training step: one CT's tiles give strongly correlated gradients
+    lesion_share: float = 0.33  # share of each group drawn from the grid tiles that hold lesion
+    tile_step_size: float = 0.5  # groups are cut on the predictor's sliding-window grid with this step
     alpha: float = 0.1  # weight of the class-balanced CE term
     beta: float = 0.01  # weight of the KL(pi || pi_ref) term
     clip_eps: float = 0.1  # PPO-style ratio clip
     dual_clip: float = 3.0  # cap on the ratio for negative advantages (dual-clip PPO); 0 turns it off
     glance_input_scale: float = 0.5  # the Glance reads the tile downsampled by this factor per axis
-    glance_lr: float = 3e-4  # AdamW, as in the paper
+    glance_base_features: int = 16  # the Glance's width: stages of 1, 2, 4, 8, 16 x this (16: ResNet-18)
+    glance_lr: float = 3e-4  # AdamW, as in the paper, with cosine decay over the training
     glance_weight_decay: float = 1e-2
+    glance_dense_weight: float = 1.0  # weight of the Glance's dense lesion-map loss (0: tile-level only)
+    glance_ema_decay: float = 0.99  # EMA of the Glance's weights, used for validation, calibration, inference
+    glance_aug_p: float = 0.5  # probability per tile of intensity augmentation of the Glance's input
     threshold: float = 0.5  # gate threshold until calibration replaces it
-    target_tile_sensitivity: float = 0.98  # calibration target for the gate threshold
+    # calibration target for the gate threshold: share of lesions with >= 90% of their voxels in selected tiles
+    target_lesion_sensitivity: float = 0.98
 
     def __post_init__(self):
         checks = {
             "group_size": self.group_size >= 2,
             "groups_per_step": self.groups_per_step >= 1,
+            "tile_step_size": 0 < self.tile_step_size <= 1,
             "lesion_share": 0.0 <= self.lesion_share <= 1.0,
             "alpha": self.alpha >= 0,
             "beta": self.beta >= 0,
             "clip_eps": 0 < self.clip_eps < 1,
             "dual_clip": self.dual_clip == 0 or self.dual_clip > 1,
             "glance_input_scale": 0 < self.glance_input_scale <= 1,
+            "glance_base_features": self.glance_base_features >= 1,
+            "glance_dense_weight": self.glance_dense_weight >= 0,
+            "glance_ema_decay": 0 <= self.glance_ema_decay < 1,
+            "glance_aug_p": 0 <= self.glance_aug_p <= 1,
             "glance_lr": self.glance_lr > 0,
             "glance_weight_decay": self.glance_weight_decay >= 0,
             "threshold": 0 <= self.threshold <= 1,
-            "target_tile_sensitivity": 0 < self.target_tile_sensitivity <= 1,
+            "target_lesion_sensitivity": 0 < self.target_lesion_sensitivity <= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -50,6 +64,11 @@ class GFScreenSettings:
     def from_dict(cls, overrides: Optional[Mapping[str, Any]]) -> "GFScreenSettings":
         """Defaults updated with `overrides`; values are cast to the field's type."""
         overrides = dict(overrides or {})
+        renamed = sorted(set(overrides) & set(RENAMED))
+        if renamed:
+            raise ValueError(f"GF-Screen setting(s) {renamed} no longer exist: the gate is now calibrated on lesion "
+                             f"coverage; use {[RENAMED[k] for k in renamed]} (lesion-level sensitivity target; "
+                             f"in an existing plans file rename the key in the configuration's gfscreen block)")
         allowed = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(overrides) - set(allowed))
         if unknown:
@@ -67,8 +86,17 @@ class GFScreenSettings:
 
     @classmethod
     def from_configuration(cls, configuration: Mapping[str, Any]) -> "GFScreenSettings":
-        """Settings of an nnU-Net configuration dict (`ConfigurationManager.configuration`)."""
-        return cls.from_dict(configuration.get(PLANS_KEY))
+        """Settings of an nnU-Net configuration dict (`ConfigurationManager.configuration`).
+
+        Used to rebuild the network (training and inference). A plans file written before a key was renamed
+        (RENAMED) still loads: the old key only steered calibration, which inference does not need, so it is
+        dropped with a warning here; training reads the block with `from_dict` and refuses it.
+        """
+        block = dict(configuration.get(PLANS_KEY) or {})
+        for old in sorted(set(block) & set(RENAMED)):
+            warnings.warn(f"GF-Screen plans setting {old!r} is obsolete and ignored (now {RENAMED[old]!r})")
+            del block[old]
+        return cls.from_dict(block)
 
     def to_dict(self) -> dict:
         return asdict(self)

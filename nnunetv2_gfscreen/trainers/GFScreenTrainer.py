@@ -1,10 +1,12 @@
 """GFScreenTrainer: nnU-Net's trainer with a Glance policy trained by GRL next to the Focus.
 
 Per step (METHOD.md): nnU-Net's Dice+CE on the Focus for nnU-Net's own batch (its sampling and
-augmentation, unchanged); one group of N sub-volumes per CT, which the Focus predicts without
-gradient; a binary detection reward per sub-volume; group-relative advantages; the GRL loss
-(clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced CE);
-L = L_seg + L_GRL. Everything else (plans, data, augmentation, schedule, logging, checkpoint
+augmentation, unchanged); groups of N grid tiles per CT (`groups_per_step` CTs), which the Focus
+predicts without gradient; a binary detection reward per tile; group-relative advantages; the GRL
+loss (clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced
+CE) plus the Glance's dense lesion-map loss; L = L_seg + L_GRL + w * L_dense. The Glance that
+trains (the policy) is averaged (EMA) into the network's Glance, which is what validation,
+calibration and inference use (glance_training.py says why). Everything else (plans, data, augmentation, schedule, logging, checkpoint
 layout, final validation) is nnU-Net's. Why the Focus batch is not taken from the group:
 group_sampling.py.
 """
@@ -36,12 +38,14 @@ from nnunetv2_gfscreen.grl import balanced_bce, detection_reward, dice_reward, g
 from nnunetv2_gfscreen.network import GFScreenNetwork
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.predictors.calibration import calibrate_trainer
+from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
+                                                        intensity_augmentation)
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 
 REWARDS = {"binary": detection_reward, "dice": dice_reward}
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
-NETWORK_SETTINGS = ("glance_input_scale", "threshold")
+NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "threshold")
 GLANCE_OBJECTIVES = ("grl", "ce", "balanced_ce")
 
 
@@ -60,7 +64,9 @@ class GFScreenTrainer(nnUNetTrainer):
         self.gfscreen = GFScreenSettings.from_dict({**plans_settings, **self.settings_overrides})
         self.logger.local_logger = GFScreenLocalLogger()
         self.glance_optimizer: Optional[torch.optim.Optimizer] = None
-        self.reference_glance: Optional[nn.Module] = None
+        self.policy_glance: Optional[nn.Module] = None       # the Glance that GRL trains
+        self.reference_glance: Optional[nn.Module] = None    # pi_ref, refreshed from the policy every epoch
+        self.glance_ema_updates = 0
 
     def _refuse_unsupported_modes(self):
         if self.reward_kind not in REWARDS or self.glance_objective not in GLANCE_OBJECTIVES:
@@ -91,7 +97,8 @@ class GFScreenTrainer(nnUNetTrainer):
         focus = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                          num_output_channels, enable_deep_supervision)
         settings = GFScreenSettings.from_configuration(configuration_manager.configuration)
-        glance = build_glance(num_input_channels, configuration_manager.patch_size, settings.glance_input_scale)
+        glance = build_glance(num_input_channels, configuration_manager.patch_size, settings.glance_input_scale,
+                              settings.glance_base_features)
         return GFScreenNetwork(focus, glance, num_output_channels, threshold=settings.threshold)
 
     def _gfscreen_network(self) -> GFScreenNetwork:
@@ -101,24 +108,34 @@ class GFScreenTrainer(nnUNetTrainer):
         return mod
 
     def configure_optimizers(self):
-        """nnU-Net's SGD + poly schedule for the Focus only; AdamW for the Glance (METHOD.md step 7)."""
+        """nnU-Net's SGD + poly schedule for the Focus only; AdamW for the policy Glance (METHOD.md step 7),
+        whose learning rate follows `cosine_lr` per epoch."""
         net = self._gfscreen_network()
         optimizer = torch.optim.SGD(net.focus.parameters(), self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=0.99, nesterov=True)
         lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-        self.glance_optimizer = torch.optim.AdamW(net.glance.parameters(), lr=self.gfscreen.glance_lr,
+        # the network's Glance holds the average; the policy starts as a copy of it
+        self.policy_glance = deepcopy(net.glance).requires_grad_(True)
+        net.glance.requires_grad_(False)
+        self.glance_optimizer = torch.optim.AdamW(self.policy_glance.parameters(), lr=self.gfscreen.glance_lr,
                                                   weight_decay=self.gfscreen.glance_weight_decay)
         return optimizer, lr_scheduler
 
     def initialize(self):
         super().initialize()
-        self.reference_glance = deepcopy(self._gfscreen_network().glance).requires_grad_(False)
+        self.reference_glance = deepcopy(self.policy_glance).requires_grad_(False)
         self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; reward {self.reward_kind}, "
                                f"Glance objective {self.glance_objective}, alpha-CE {self.use_alpha_ce}")
 
     def refresh_reference_glance(self):
         """pi_ref <- pi. Both use normalisation that ignores train/eval mode, so the ratio is exactly 1 after."""
-        self.reference_glance.load_state_dict(self._gfscreen_network().glance.state_dict())
+        self.reference_glance.load_state_dict(self.policy_glance.state_dict())
+
+    def update_glance_average(self):
+        """The network's (deployed) Glance <- EMA of the policy (`glance_ema_decay`; 0 copies the policy)."""
+        decay = ema_decay(self.gfscreen.glance_ema_decay, self.glance_ema_updates)
+        ema_update(self._gfscreen_network().glance, self.policy_glance, decay)
+        self.glance_ema_updates += 1
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):
@@ -148,7 +165,8 @@ class GFScreenTrainer(nnUNetTrainer):
                                 self.oversample_foreground_percent, self.gfscreen.group_size,
                                 self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
                                 group_transforms=self.get_group_transforms(mirror_axes),
-                                probabilistic_oversampling=self.probabilistic_oversampling)
+                                probabilistic_oversampling=self.probabilistic_oversampling,
+                                tile_step_size=self.gfscreen.tile_step_size)
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
                                   transforms=val_transforms,
@@ -224,6 +242,7 @@ class GFScreenTrainer(nnUNetTrainer):
         group_data = batch["group_data"].to(self.device, non_blocking=True)
         group_target = batch["group_target"].to(self.device, non_blocking=True)
         group_ids = batch["group_ids"].to(self.device, non_blocking=True)
+        group_lesion = batch["group_lesion"].to(self.device, non_blocking=True) if "group_lesion" in batch else None
 
         self.optimizer.zero_grad(set_to_none=True)
         self.glance_optimizer.zero_grad(set_to_none=True)
@@ -233,14 +252,19 @@ class GFScreenTrainer(nnUNetTrainer):
         pred_fg = self._group_predictions(group_data)
         gt_fg, valid = self._lesion_masks(group_target)
         rewards = REWARDS[self.reward_kind](pred_fg, gt_fg, valid)
-        lesion = gt_fg.flatten(1).any(1).float()
+        # the Glance's label: lesion in the tile's central region (group_sampling.py); any lesion voxel otherwise
+        lesion = group_lesion if group_lesion is not None else gt_fg.flatten(1).any(1).float()
         net = self._gfscreen_network()
+        glance_input = intensity_augmentation(group_data, self.gfscreen.glance_aug_p)
         with self._autocast():
-            glance_logits = net.glance(group_data).float()
+            glance_logits, dense_logits = self.policy_glance.forward_dense(glance_input)
+            glance_logits = glance_logits.float()
             with torch.no_grad():
-                ref_logits = self.reference_glance(group_data).float()
+                ref_logits = self.reference_glance(glance_input).float()
         glance_terms = self._glance_loss(glance_logits, ref_logits, rewards, lesion, group_ids)
-        loss = seg_loss + glance_terms["grl_losses"]
+        dense_loss = dense_lesion_loss(dense_logits, gt_fg) if dense_logits is not None \
+            else glance_logits.new_zeros(())
+        loss = seg_loss + glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
 
         optimizers = (self.optimizer, self.glance_optimizer)
         if self.grad_scaler is not None:
@@ -248,30 +272,36 @@ class GFScreenTrainer(nnUNetTrainer):
             for opt in optimizers:
                 self.grad_scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(net.focus.parameters(), 12)
-            torch.nn.utils.clip_grad_norm_(net.glance.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.policy_glance.parameters(), 12)
             for opt in optimizers:
                 self.grad_scaler.step(opt)
             self.grad_scaler.update()
         else:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.focus.parameters(), 12)
-            torch.nn.utils.clip_grad_norm_(net.glance.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.policy_glance.parameters(), 12)
             for opt in optimizers:
                 opt.step()
+        self.update_glance_average()
         selected = torch.sigmoid(glance_logits.detach()) > net.threshold
         out = {"loss": loss.detach().cpu().numpy(), "seg_losses": seg_loss.detach().cpu().numpy(),
+               "glance_dense": dense_loss.detach().cpu().numpy(),
                "mean_reward": rewards.mean().cpu().numpy(), "selection_ratio": selected.float().mean().cpu().numpy()}
         out.update({k: v.detach().cpu().numpy() for k, v in glance_terms.items()})
         return out
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        lr = cosine_lr(self.gfscreen.glance_lr, self.current_epoch, self.num_epochs)
+        for group in self.glance_optimizer.param_groups:
+            group["lr"] = lr
         self.refresh_reference_glance()
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
-        for key in ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "mean_reward", "selection_ratio"):
+        for key in ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "glance_dense", "mean_reward",
+                    "selection_ratio"):
             self.logger.log(key, float(np.mean(outputs[key])), self.current_epoch)
 
     # ------------------------------------------------------------------ validation
@@ -302,18 +332,22 @@ class GFScreenTrainer(nnUNetTrainer):
     def on_epoch_end(self):
         get = lambda k: np.round(self.logger.get_value(k, step=-1), decimals=4)
         self.print_to_log_file(f"seg_loss {get('seg_losses')}, GRL {get('grl_losses')} (clip {get('grl_clip')}, "
-                               f"kl {get('grl_kl')}, ce {get('grl_ce')}), mean reward {get('mean_reward')}, "
+                               f"kl {get('grl_kl')}, ce {get('grl_ce')}), Glance dense {get('glance_dense')}, mean reward {get('mean_reward')}, "
                                f"selection ratio {get('selection_ratio')}")
         self.print_to_log_file(f"Glance on validation patches: sensitivity {get('glance_sensitivity')}, "
                                f"specificity {get('glance_specificity')}")
         super().on_epoch_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """Calibrate the gate on the validation cases first, so the final validation (and the stored
-        checkpoints) use the calibrated threshold rather than the untuned 0.5."""
-        if self.local_rank == 0:
-            calibrate_trainer(self)
-        super().perform_actual_validation(save_probabilities)
+        """Calibrate the gate on the validation cases first (the all-cases threshold goes into the network and
+        the checkpoints), then run nnU-Net's final validation with each case's leave-one-case-out threshold
+        (fitted on the other validation cases), so no case is gated at a threshold tuned on itself."""
+        from nnunetv2_gfscreen.predictors.calibration import loco_thresholds_during_validation
+        if self.local_rank != 0:
+            return super().perform_actual_validation(save_probabilities)
+        result = calibrate_trainer(self)
+        with loco_thresholds_during_validation(self, result):
+            super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
@@ -328,6 +362,8 @@ class GFScreenTrainer(nnUNetTrainer):
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
         checkpoint["gfscreen"] = {
             "glance_optimizer_state": self.glance_optimizer.state_dict(),
+            "policy_glance": self.policy_glance.state_dict(),
+            "glance_ema_updates": self.glance_ema_updates,
             "reference_glance": self.reference_glance.state_dict(),
             "settings": self.gfscreen.to_dict(),
         }
@@ -340,9 +376,13 @@ class GFScreenTrainer(nnUNetTrainer):
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
         extra = checkpoint.get("gfscreen")
-        if extra is None:
-            self.print_to_log_file("checkpoint has no GF-Screen state: Glance optimiser and reference start fresh")
+        if extra is None or "policy_glance" not in extra:
+            self.print_to_log_file("checkpoint has no GF-Screen training state: the policy Glance starts from the "
+                                   "checkpoint's Glance, its optimiser and reference fresh")
+            self.policy_glance.load_state_dict(self._gfscreen_network().glance.state_dict())
             self.refresh_reference_glance()
             return
+        self.policy_glance.load_state_dict(extra["policy_glance"])
         self.glance_optimizer.load_state_dict(extra["glance_optimizer_state"])
         self.reference_glance.load_state_dict(extra["reference_glance"])
+        self.glance_ema_updates = int(extra.get("glance_ema_updates", 0))

@@ -1,59 +1,116 @@
-"""Training batches for GF-Screen: nnU-Net's own Focus batch, plus groups of sub-volumes per CT for GRL.
+"""Training batches for GF-Screen: nnU-Net's own Focus batch, plus groups of tiles per CT for GRL.
 
 The group is GRPO's candidate set (METHOD.md): advantages are relative within one CT, so a group
-is `group_size` sub-volumes of one CT. The Focus only needs a prediction on them (for the rewards),
+is `group_size` tiles of one CT. The Focus only needs a prediction on them (for the rewards),
 not a gradient, so the Focus's gradient batch is drawn separately and exactly as nnU-Net draws it
 (its `nnUNetDataLoader.generate_train_batch`: batch_size patches from different CTs, its
 foreground oversampling, its full augmentation). Taking the Focus's batch out of one group instead
-(our first version) gave the Focus one CT per step and fewer lesion patches than nnU-Net (2 of 16
-slots at lesion share 0.33: 31% forced-lesion patches against nnU-Net's 50%), and augmenting all
-16 group slots cost 8x nnU-Net's data-loading CPU time per step (docs/results.md).
+(our first version) gave the Focus one CT per step and fewer lesion patches than nnU-Net, and
+augmenting all 16 group slots cost 8x nnU-Net's data-loading CPU time per step (docs/results.md).
 
-Group slots are cropped as nnU-Net crops (its bounding-box and oversampling logic, centre-cropped
-from the initial to the final patch size, which is what nnU-Net's spatial transform does when it
-draws no rotation or scaling) and get `group_transforms` (the trainer's: mirroring and label
-clean-up), i.e. they look like the tiles the Glance scores at inference.
+Group tiles are cut the way the predictor cuts a case: nnU-Net's sliding-window grid (its
+`compute_steps_for_sliding_window`, patch size and step) over the preprocessed case, shifted as a
+whole by a random offset of up to half a step per axis, so that lesions sit anywhere in a tile and
+often only as slivers at its edge, as at inference. (Our earlier groups centred forced slots on a
+lesion voxel, which the Glance never sees at inference.) `lesion_share` of the slots are drawn from
+the grid tiles whose *central region* holds lesion (see `central_region`), the rest from all other
+grid tiles, slivers included. Each tile's Glance label (`group_lesion`) is the same central-region
+test; the reward stays the paper's (the Focus's prediction overlaps the lesion anywhere in the tile).
 """
-from typing import Optional
+import itertools
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
-    """Central `size` crop of the trailing spatial axes of x (C, *spatial); size <= x's spatial shape.
-
-    The same centre as the group loader's crop (see GroupDataLoader._group_sample), for patches in memory."""
+    """Central `size` crop of the trailing spatial axes of x (C, *spatial); size <= x's spatial shape."""
     spatial = x.shape[1:]
     if len(size) != len(spatial) or any(s < p for s, p in zip(spatial, size)):
         raise ValueError(f"cannot crop {tuple(size)} from a patch of {tuple(spatial)}")
     return x[(slice(None),) + tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(spatial, size))]
 
 
+def shifted_grid(shape: Sequence[int], patch_size: Sequence[int], tile_step_size: float,
+                 rng: np.random.RandomState) -> List[Tuple[int, ...]]:
+    """Tile starts (z, y, x) of the predictor's sliding-window grid over a case of `shape`, shifted as a whole.
+
+    The grid is nnU-Net's (`compute_steps_for_sliding_window` on the shape padded to at least the patch, as
+    the predictor pads); every start moves by one random offset per axis, uniform in [-step/2, step/2]
+    (step = patch * tile_step_size), so lesions fall anywhere in a tile. Starts may lie outside the case:
+    the crop pads there, as the predictor's padding does.
+    """
+    padded = [max(s, p) for s, p in zip(shape, patch_size)]
+    steps = compute_steps_for_sliding_window(tuple(padded), tuple(patch_size), tile_step_size)
+    half = [int(p * tile_step_size) // 2 for p in patch_size]
+    offset = [rng.randint(-h, h + 1) if h > 0 else 0 for h in half]
+    return [tuple(int(s + o) for s, o in zip(start, offset)) for start in itertools.product(*steps)]
+
+
+def central_region(start: Sequence[int], patch_size: Sequence[int], shape: Sequence[int]) -> List[Tuple[int, int]]:
+    """The central region of a tile in case coordinates, [lo, hi) per axis.
+
+    The middle half of each axis (a quarter patch trimmed on each side), except that a side at or beyond
+    the case's border is not trimmed (no other tile reaches past it). At tile step 0.5 these regions
+    cover the case, each voxel about once, so "lesion in my central region" marks one tile per lesion
+    part: the one that holds it with margin.
+    """
+    region = []
+    for s, p, n in zip(start, patch_size, shape):
+        lo = s if s <= 0 else s + p // 4
+        hi = s + p if s + p >= n else s + p - p // 4
+        region.append((lo, hi))
+    return region
+
+
+def lesion_locations(properties: dict) -> np.ndarray:
+    """(L, 3) voxel coordinates (z, y, x) of nnU-Net's sampled foreground locations (all labels > 0)."""
+    locs = [np.asarray(v)[:, -3:] for k, v in properties['class_locations'].items()
+            if len(v) and not (isinstance(k, (int, np.integer)) and k <= 0)]
+    return np.concatenate(locs).astype(np.int64) if locs else np.zeros((0, 3), np.int64)
+
+
+def tiles_with_lesion(starts: Sequence[Sequence[int]], patch_size: Sequence[int], shape: Sequence[int],
+                      locations: np.ndarray) -> np.ndarray:
+    """(T,) bool: whether the central region of each tile holds one of `locations` ((L, 3) z, y, x)."""
+    if len(locations) == 0 or len(starts) == 0:
+        return np.zeros(len(starts), dtype=bool)
+    regions = np.array([central_region(s, patch_size, shape) for s in starts])     # (T, 3, 2)
+    inside = (locations[:, None, :] >= regions[None, :, :, 0]) & (locations[:, None, :] < regions[None, :, :, 1])
+    return inside.all(2).any(0)
+
+
 class GroupDataLoader(nnUNetDataLoader):
-    """nnU-Net's loader (its batch unchanged, for the Focus) that also draws GRL groups.
+    """nnU-Net's loader (its batch unchanged, for the Focus) that also draws GRL groups of grid tiles.
 
     Each batch dict holds nnU-Net's `data`, `target`, `keys`, plus:
-      - `group_data` (G*N, C, *final_patch_size) float32: `groups_per_batch` CTs x `group_size` sub-volumes,
-        group-major; within a group the last round(N * lesion_share) slots are forced onto lesion (nnU-Net's
-        "oversample the last XX percent" rule per group), so rewards can differ; healthy CTs give random crops;
-      - `group_target` (G*N, 1, *final_patch_size) int16, full resolution only (rewards and lesion labels);
-      - `group_ids` (G*N,) long; `group_keys`, the CT of each group.
+      - `group_data` (G*N, C, *final_patch_size) float32: `groups_per_batch` CTs x `group_size` tiles of the
+        case's shifted sliding-window grid (`shifted_grid`), group-major; within a group the last
+        round(N * lesion_share) slots are drawn from the tiles whose central region holds lesion (with
+        replacement if there are fewer; healthy CTs have none), the others from the remaining tiles;
+      - `group_target` (G*N, 1, *final_patch_size) int16, full resolution only (rewards, dense targets);
+      - `group_lesion` (G*N,) float32: 1 if the tile's central region holds lesion (the Glance's label);
+      - `group_ids` (G*N,) long; `group_keys`, the CT of each group; `group_starts`, each tile's start (z, y, x).
     """
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
                  oversample_foreground_percent: float, group_size: int, groups_per_batch: int, lesion_share: float,
-                 transforms=None, group_transforms=None, probabilistic_oversampling: bool = False):
+                 transforms=None, group_transforms=None, probabilistic_oversampling: bool = False,
+                 tile_step_size: float = 0.5):
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for a group-relative advantage, got {group_size}")
         if groups_per_batch < 1:
             raise ValueError(f"groups_per_batch must be >= 1, got {groups_per_batch}")
         if not 0.0 <= lesion_share <= 1.0:
             raise ValueError(f"lesion_share must be in [0, 1], got {lesion_share}")
+        if not 0.0 < tile_step_size <= 1.0:
+            raise ValueError(f"tile_step_size must be in (0, 1], got {tile_step_size}")
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=oversample_foreground_percent, sampling_probabilities=None,
                          pad_sides=None, probabilistic_oversampling=probabilistic_oversampling, transforms=transforms)
@@ -62,26 +119,37 @@ class GroupDataLoader(nnUNetDataLoader):
         self.group_size = group_size
         self.groups_per_batch = groups_per_batch
         self.lesion_share = lesion_share
+        self.tile_step_size = tile_step_size
         self.group_transforms = group_transforms
 
-    def group_slot_forced(self, slot: int) -> bool:
-        """Whether group slot `slot` (0 .. group_size-1) must contain lesion: the last round(N * share) slots."""
-        return not slot < round(self.group_size * (1 - self.lesion_share))
+    @property
+    def n_lesion_slots(self) -> int:
+        """Slots per group drawn from lesion tiles (the last ones): round(N * lesion_share)."""
+        return round(self.group_size * self.lesion_share)
 
-    def _group_sample(self, data, seg, properties, slot: int):
-        bbox_lbs, bbox_ubs = self.get_bbox(data.shape[1:], self.group_slot_forced(slot), properties['class_locations'])
-        # the centre of nnU-Net's (initial-size) box, read directly: nothing outside the final patch is loaded
-        bbox = [[lo + (hi - lo - p) // 2, lo + (hi - lo - p) // 2 + p]
-                for lo, hi, p in zip(bbox_lbs, bbox_ubs, self.final_patch_size)]
+    def choose_tiles(self, lesion: np.ndarray) -> List[int]:
+        """Grid tile indices for the group's slots (lesion: (T,) bool per grid tile): others first, then the
+        lesion slots. Without replacement where the grid has enough tiles of the kind."""
+        n_lesion_slots = self.n_lesion_slots if lesion.any() else 0
+        pos, neg = np.flatnonzero(lesion), np.flatnonzero(~lesion)
+        if len(neg) == 0:      # every tile holds lesion: the "other" slots take lesion tiles too
+            neg = pos
+        n_other = self.group_size - n_lesion_slots
+        chosen = [np.random.choice(neg, n_other, replace=len(neg) < n_other)]
+        if n_lesion_slots:
+            chosen.append(np.random.choice(pos, n_lesion_slots, replace=len(pos) < n_lesion_slots))
+        return [int(i) for i in np.concatenate(chosen)]
+
+    def _crop(self, data, seg, start) -> Tuple[torch.Tensor, torch.Tensor]:
+        bbox = [[s, s + p] for s, p in zip(start, self.final_patch_size)]
         image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
         segmentation = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
-        if self.group_transforms is not None:
-            out = self.group_transforms(**{'image': image, 'segmentation': segmentation})
-            image, segmentation = out['image'], out['segmentation']
-        if isinstance(segmentation, (list, tuple)):
-            raise ValueError("group_transforms must return the full-resolution segmentation only "
-                             "(no deep-supervision list)")
         return image, segmentation
+
+    def _central_label(self, segmentation: torch.Tensor, start, shape) -> bool:
+        region = central_region(start, self.final_patch_size, shape)
+        local = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(region, start))
+        return bool((segmentation[(slice(None),) + local] > 0).any())
 
     def generate_groups(self, cases: Optional[np.ndarray] = None) -> dict:
         """The groups of one batch (see the class docstring); `cases` fixes their CTs (else drawn at random)."""
@@ -89,20 +157,36 @@ class GroupDataLoader(nnUNetDataLoader):
             cases = np.random.choice(self.indices, self.groups_per_batch, replace=True)
         n = self.group_size * len(cases)
         group_data = group_target = None
+        group_lesion = torch.zeros(n, dtype=torch.float32)
+        group_starts = []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for g, key in enumerate(cases):
                 data, seg, seg_prev, properties = self._data.load_case(key)   # once per group
                 if seg_prev is not None:
                     raise NotImplementedError("GroupDataLoader does not support cascaded data")
-                for slot in range(self.group_size):
-                    image, segmentation = self._group_sample(data, seg, properties, slot)
+                shape = data.shape[1:]
+                starts = shifted_grid(shape, self.final_patch_size, self.tile_step_size, np.random)
+                lesion = tiles_with_lesion(starts, self.final_patch_size, shape, lesion_locations(properties))
+                for slot, t in enumerate(self.choose_tiles(lesion)):
+                    image, segmentation = self._crop(data, seg, starts[t])
+                    group_starts.append(starts[t])
+                    i = g * self.group_size + slot
+                    # labelled before mirroring: a border side of the central region is not symmetric
+                    group_lesion[i] = float(self._central_label(segmentation, starts[t], shape))
+                    if self.group_transforms is not None:
+                        out = self.group_transforms(**{'image': image, 'segmentation': segmentation})
+                        image, segmentation = out['image'], out['segmentation']
+                    if isinstance(segmentation, (list, tuple)):
+                        raise ValueError("group_transforms must return the full-resolution segmentation only "
+                                         "(no deep-supervision list)")
                     if group_data is None:
                         group_data = torch.empty((n, *image.shape), dtype=torch.float32)
                         group_target = torch.empty((n, *segmentation.shape), dtype=segmentation.dtype)
-                    group_data[g * self.group_size + slot] = image
-                    group_target[g * self.group_size + slot] = segmentation
-        return {'group_data': group_data, 'group_target': group_target, 'group_keys': list(cases),
-                'group_ids': torch.arange(n) // self.group_size}
+                    group_data[i] = image
+                    group_target[i] = segmentation
+        return {'group_data': group_data, 'group_target': group_target, 'group_lesion': group_lesion,
+                'group_keys': list(cases), 'group_ids': torch.arange(n) // self.group_size,
+                'group_starts': group_starts}
 
     def generate_train_batch(self):
         batch = super().generate_train_batch()   # nnU-Net's Focus batch, unchanged

@@ -8,7 +8,7 @@ from batchgenerators.utilities.file_and_folder_operations import join  # noqa: E
 
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
-GRL_KEYS = ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses")
+GRL_KEYS = ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "glance_dense")
 GLANCE_KEYS = ("mean_reward", "selection_ratio", "glance_sensitivity", "glance_specificity")
 GFSCREEN_KEYS = GRL_KEYS + GLANCE_KEYS
 
@@ -36,7 +36,7 @@ class GFScreenLocalLogger(LocalLogger):
         x = list(range(epoch + 1))
         # same width and dpi as nnU-Net's 30 x 54 inch figure, so the two images stack exactly
         fig, (ax_loss, ax_glance) = plt.subplots(2, 1, figsize=(30, 30))
-        for key, style in zip(GRL_KEYS, ("b-", "m-", "c-", "y-", "k--")):
+        for key, style in zip(GRL_KEYS, ("b-", "m-", "c-", "y-", "k--", "g:")):
             ax_loss.plot(x, log[key][:epoch + 1], style, label=key, linewidth=2)
         ax_loss.set_xlabel("epoch")
         ax_loss.set_ylabel("loss")

@@ -1,0 +1,104 @@
+"""The Glance's optimisation helpers (cosine LR, EMA, intensity augmentation, dense loss) and its dense head."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_gfscreen.glance import GlanceNet, build_glance
+from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
+                                                        intensity_augmentation)
+
+
+def test_cosine_lr_by_hand():
+    assert cosine_lr(1e-3, 0, 100) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 50, 100) == pytest.approx(0.5e-3)
+    assert cosine_lr(1e-3, 25, 100) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert cosine_lr(1e-3, 100, 100) == pytest.approx(0.0)
+    assert cosine_lr(1e-3, 150, 100) == pytest.approx(0.0)      # past the end (e.g. --c with more epochs)
+    with pytest.raises(ValueError, match="num_epochs"):
+        cosine_lr(1e-3, 0, 0)
+
+
+def test_ema_warm_up_and_update_by_hand():
+    assert ema_decay(0.99, 0) == pytest.approx(0.1)              # (1 + 0) / (10 + 0)
+    assert ema_decay(0.99, 8) == pytest.approx(0.5)
+    assert ema_decay(0.99, 10_000) == 0.99
+    avg, live = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        avg.weight.fill_(1.0), avg.bias.fill_(0.0)
+        live.weight.fill_(3.0), live.bias.fill_(2.0)
+    ema_update(avg, live, 0.75)
+    assert torch.allclose(avg.weight, torch.full((1, 2), 1.5))   # 0.75 * 1 + 0.25 * 3
+    assert torch.allclose(avg.bias, torch.tensor([0.5]))
+    ema_update(avg, live, 0.0)                                   # decay 0 copies the live weights
+    assert torch.equal(avg.weight, live.weight)
+
+
+def test_intensity_augmentation_changes_only_chosen_tiles_and_keeps_the_input():
+    x = torch.randn(64, 1, 4, 8, 8)
+    before = x.clone()
+    g = torch.Generator().manual_seed(0)
+    y = intensity_augmentation(x, 0.5, generator=g)
+    assert torch.equal(x, before)
+    changed = (y != x).flatten(1).any(1)
+    assert 10 < int(changed.sum()) < 54                          # about half of 64
+    assert torch.equal(intensity_augmentation(x, 0.0), x)
+    # contrast within 15%, brightness within 0.15, noise sigma within 0.1: the mean moves by at most ~0.3
+    assert ((y - x).flatten(1).mean(1).abs() < 0.5).all()
+    with pytest.raises(ValueError, match="p must be"):
+        intensity_augmentation(x, 1.5)
+
+
+def test_dense_loss_uses_the_max_pooled_lesion_mask():
+    lesion = torch.zeros(2, 1, 4, 8, 8, dtype=torch.bool)
+    lesion[0, 0, 1, 2, 3] = True                                 # one voxel: its 2x4x4 cell is lesion
+    good = torch.full((2, 1, 2, 2, 2), -10.0)
+    good[0, 0, 0, 0, 0] = 10.0
+    bad = -good
+    assert dense_lesion_loss(good, lesion) < 1e-3 < dense_lesion_loss(bad, lesion)
+    with pytest.raises(ValueError, match="expected"):
+        dense_lesion_loss(good[:, 0], lesion)
+
+
+def test_glance_dense_head_shapes_and_start_near_half():
+    torch.manual_seed(0)
+    net = GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, patch_size=(16, 32, 32), dense_stage=1)
+    x = torch.randn(3, 1, 16, 32, 32)
+    logits, dense = net.forward_dense(x)
+    assert logits.shape == (3,) and dense.shape[:2] == (3, 1)
+    assert torch.equal(net(x), logits)
+    assert (torch.sigmoid(logits) - 0.5).abs().max() < 0.05
+    no_dense = GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, dense_stage=None)
+    assert no_dense.forward_dense(torch.randn(1, 1, 16, 32, 32))[1] is None
+    with pytest.raises(ValueError, match="dense_stage"):
+        GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, dense_stage=3)
+    assert build_glance(1, (16, 64, 64), base_features=4).encoder.stages[-1].output_channels == 64
+    with pytest.raises(ValueError, match="base_features"):
+        build_glance(1, (16, 64, 64), base_features=0)
+
+
+def test_glance_learns_a_lesion_map_from_the_dense_loss_alone():
+    """A bright ball in noise: the dense loss alone makes the tile logit (via the central maximum) rank
+    lesion tiles first, which is the point of the dense head."""
+    torch.manual_seed(0)
+    n = 48
+    x = torch.randn(n, 1, 16, 32, 32)
+    lesion = torch.zeros(n, 1, 16, 32, 32, dtype=torch.bool)
+    zz, yy, xx = torch.meshgrid(torch.arange(16), torch.arange(32), torch.arange(32), indexing='ij')
+    for i in range(0, n, 2):
+        ball = (zz - 8) ** 2 + (yy - 16 + i % 5) ** 2 + (xx - 16) ** 2 <= 9
+        lesion[i, 0] = ball
+        x[i, 0][ball] += 3.0
+    net = GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, patch_size=(16, 32, 32))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(40):
+        _, dense = net.forward_dense(x)
+        loss = dense_lesion_loss(dense, lesion)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits = net(x)
+    pos, neg = logits[0::2], logits[1::2]
+    assert pos.min() > neg.max(), f"lesion tiles {pos.min():.2f} vs others {neg.max():.2f}"
