@@ -333,3 +333,40 @@ def test_nsd_crop_is_exact_near_and_away_from_borders():
         for spacing in [(2.0, 0.9, 0.8), (1.0, 1.0, 1.0)]:
             ref = _brute_force_nsd(gt, pred, spacing, 2.0)
             assert normalized_surface_dice(gt, pred, spacing, 2.0) == pytest.approx(ref)
+
+
+# ---------------------------------------------------------------- figures (--png)
+def test_cli_png_writes_one_figure_per_case(folders, monkeypatch):
+    from matplotlib import image as mimage
+
+    img_dir = folders / "img"
+    img_dir.mkdir()
+    for case in ("a", "b", "c"):
+        ct = np.full((20, 3, 3), -1000, np.int16)
+        ct[:, 1, :] = 40
+        img = sitk.GetImageFromArray(ct)
+        img.SetSpacing((1.0, 1.0, 3.0))
+        sitk.WriteImage(img, str(img_dir / f"{case}_0000.nii.gz"))
+    out_json = folders / "res" / "results.json"
+    argv = ["nnUNetv2_gfscreen_evaluate", "-pred", str(folders / "pred"), "-gt", str(folders / "gt"),
+            "-reports", str(folders / "reports"), "-o", str(out_json), "-np", "1"]
+    monkeypatch.setattr(sys, "argv", argv + ["--png"])
+    with pytest.raises(SystemExit):  # --png needs -img
+        evaluate_entry_point()
+    monkeypatch.setattr(sys, "argv", argv + ["--png", "-img", str(img_dir)])
+    evaluate_entry_point()
+    figures = folders / "res" / "figures"  # default: next to -o
+    assert sorted(p.name for p in figures.iterdir()) == ["a.png", "b.png", "c.png"]  # c has no report
+    for p in figures.iterdir():
+        rgb = mimage.imread(str(p))
+        assert rgb.shape[0] > 200 and rgb.shape[1] > 600
+    res = json.loads(out_json.read_text())
+    assert res["settings"]["png_dir"] == str(figures) and res["per_case"][0]["dsc"] == pytest.approx(0.9)
+    # an explicit folder and projections; a missing image is named
+    evaluate_folders(str(folders / "pred"), str(folders / "gt"), None, num_processes=1,
+                     image_folder=str(img_dir), png_dir=str(folders / "figs"), png_views="mip")
+    assert (folders / "figs" / "a.png").is_file()
+    (img_dir / "b_0000.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="no image.*: b"):
+        evaluate_folders(str(folders / "pred"), str(folders / "gt"), None, num_processes=1,
+                         image_folder=str(img_dir), png_dir=str(folders / "figs"), png_views="mip")

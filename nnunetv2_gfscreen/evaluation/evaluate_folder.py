@@ -2,7 +2,10 @@
 
 Per case: FLARE DSC / NSD (2 mm, GT spacing), lesion detection counts and, when a predictor
 report ``<case>.json`` exists, its timing / selection numbers and Glance tile confusion counts.
-Aggregates pool these over the folder. CLI: ``nnUNetv2_gfscreen_evaluate``.
+Aggregates pool these over the folder. With ``--png`` (and ``-img``, the images ``<case>_0000.nii.gz``)
+each case also gets a picture ``<png_dir>/<case>.png`` (``figures.render_case_figure``): three views
+with the Glance scores and selected tiles of the report, the GT and the predicted lesions and the
+case's numbers. CLI: ``nnUNetv2_gfscreen_evaluate``.
 """
 import argparse
 import json
@@ -14,12 +17,14 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunetv2_gfscreen.evaluation.figures import VIEWS, render_case_figure, title_numbers_from
 from nnunetv2_gfscreen.evaluation.lesions import aggregate_detection, lesion_detection_counts
 from nnunetv2_gfscreen.evaluation.metrics import FLARE_NSD_TOLERANCE_MM, flare_dsc_nsd
 from nnunetv2_gfscreen.evaluation.reports import aggregate_reports, load_report, summarize_report
 from nnunetv2_gfscreen.evaluation.tables import format_results_markdown
 
 FILE_ENDING = ".nii.gz"
+IMAGE_SUFFIX = "_0000" + FILE_ENDING  # nnU-Net raw: channel 0 of <case>
 DEFAULT_NUM_PROCESSES = 3
 SPACING_RTOL = 1e-4
 
@@ -47,8 +52,15 @@ def _read_binary(path: str, case: str, what: str) -> Tuple[np.ndarray, Tuple[flo
 
 
 def evaluate_case(case: str, pred_file: str, gt_file: str, report_file: Optional[str] = None,
-                  tolerance_mm: float = FLARE_NSD_TOLERANCE_MM) -> dict:
-    """All per-case numbers for one case; raises when shapes or spacings disagree."""
+                  tolerance_mm: float = FLARE_NSD_TOLERANCE_MM, image_file: Optional[str] = None,
+                  png_file: Optional[str] = None, png_views: str = "slices") -> dict:
+    """All per-case numbers for one case; raises when shapes or spacings disagree.
+
+    With ``png_file`` (needs ``image_file``) the case's figure is written there too, with the
+    report's tiles when there is a report and without tile shading otherwise.
+    """
+    if png_file is not None and image_file is None:
+        raise ValueError(f"case {case}: a figure needs the image file")
     gt, spacing = _read_binary(gt_file, case, "ground truth")
     pred, pred_spacing = _read_binary(pred_file, case, "prediction")
     if gt.shape != pred.shape:
@@ -61,8 +73,16 @@ def evaluate_case(case: str, pred_file: str, gt_file: str, report_file: Optional
     result = {"case": case, "dsc": dsc, "nsd": nsd,
               "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum()),
               **lesion_detection_counts(gt, pred)}
-    if report_file is not None:
-        result["report"] = summarize_report(load_report(report_file), gt, case)
+    report = load_report(report_file) if report_file is not None else None
+    if report is not None:
+        result["report"] = summarize_report(report, gt, case)
+    if png_file is not None:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(image_file))
+        if image.shape != gt.shape:
+            raise ValueError(f"case {case}: image {image_file} has shape {image.shape}, the ground "
+                             f"truth {gt.shape} (z, y, x)")
+        render_case_figure(image, gt, pred, report, png_file, title_numbers_from(result, report),
+                           views=png_views, spacing_zyx=spacing)
     return result
 
 
@@ -86,11 +106,14 @@ def aggregate(per_case: List[dict]) -> dict:
 
 def evaluate_folders(pred_folder: str, gt_folder: str, reports_folder: Optional[str] = None,
                      num_processes: int = DEFAULT_NUM_PROCESSES,
-                     tolerance_mm: float = FLARE_NSD_TOLERANCE_MM) -> dict:
+                     tolerance_mm: float = FLARE_NSD_TOLERANCE_MM, image_folder: Optional[str] = None,
+                     png_dir: Optional[str] = None, png_views: str = "slices") -> dict:
     """Evaluate every GT case; returns ``{"settings", "aggregate", "per_case"}``.
 
     Every GT case needs a prediction (extra predictions are ignored); reports are optional per
-    case. Per-case report numbers are flattened into the case entries.
+    case. Per-case report numbers are flattened into the case entries. With ``png_dir`` every case
+    also gets ``<png_dir>/<case>.png``; then ``image_folder`` must hold ``<case>_0000.nii.gz`` for
+    every GT case. ``png_views``: ``'slices'`` (through the largest lesion) or ``'mip'``.
     """
     gt_cases = list_cases(gt_folder, "ground truth")
     pred_cases = set(list_cases(pred_folder, "prediction"))
@@ -105,10 +128,26 @@ def evaluate_folders(pred_folder: str, gt_folder: str, reports_folder: Optional[
         for c in gt_cases:
             path = os.path.join(reports_folder, c + ".json")
             report_files[c] = path if os.path.isfile(path) else None
+    image_files: Dict[str, Optional[str]] = dict.fromkeys(gt_cases)
+    png_files: Dict[str, Optional[str]] = dict.fromkeys(gt_cases)
+    if png_dir is not None:
+        if png_views not in VIEWS:
+            raise ValueError(f"png_views must be one of {VIEWS}, got {png_views!r}")
+        if image_folder is None:
+            raise ValueError("figures (png_dir) need the image folder with <case>_0000.nii.gz")
+        if not os.path.isdir(image_folder):
+            raise FileNotFoundError(f"image folder does not exist: {image_folder}")
+        image_files = {c: os.path.join(image_folder, c + IMAGE_SUFFIX) for c in gt_cases}
+        missing = [c for c, f in image_files.items() if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} ground-truth case(s) have no image "
+                                    f"<case>{IMAGE_SUFFIX} in {image_folder}: {', '.join(missing)}")
+        os.makedirs(png_dir, exist_ok=True)
+        png_files = {c: os.path.join(png_dir, c + ".png") for c in gt_cases}
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     jobs = [(c, os.path.join(pred_folder, c + FILE_ENDING), os.path.join(gt_folder, c + FILE_ENDING),
-             report_files[c], tolerance_mm) for c in gt_cases]
+             report_files[c], tolerance_mm, image_files[c], png_files[c], png_views) for c in gt_cases]
     n_proc = min(num_processes, len(jobs))
     if n_proc > 1:
         with multiprocessing.get_context("spawn").Pool(n_proc) as pool:
@@ -122,6 +161,9 @@ def evaluate_folders(pred_folder: str, gt_folder: str, reports_folder: Optional[
     settings = {"pred_folder": os.path.abspath(pred_folder), "gt_folder": os.path.abspath(gt_folder),
                 "reports_folder": None if reports_folder is None else os.path.abspath(reports_folder),
                 "nsd_tolerance_mm": tolerance_mm}
+    if png_dir is not None:
+        settings.update(image_folder=os.path.abspath(image_folder), png_dir=os.path.abspath(png_dir),
+                        png_views=png_views)
     return {"settings": settings, "aggregate": agg, "per_case": per_case}
 
 
@@ -150,10 +192,30 @@ def evaluate_entry_point() -> None:
                         help="optional Markdown output (aggregate and per-case tables)")
     parser.add_argument("-np", type=int, required=False, default=DEFAULT_NUM_PROCESSES,
                         help=f"number of processes. Default: {DEFAULT_NUM_PROCESSES}")
+    parser.add_argument("--png", action="store_true",
+                        help="also write one picture per case (three views; Glance scores and selected tiles "
+                             "from -reports; GT and predicted lesions; the case's numbers). Needs -img")
+    parser.add_argument("-img", type=str, required=False, default=None,
+                        help="folder with the images <case>_0000.nii.gz (required with --png)")
+    parser.add_argument("--png_dir", type=str, required=False, default=None,
+                        help="folder for the pictures. Default: figures/ next to the output JSON")
+    parser.add_argument("--png_views", type=str, required=False, default="slices", choices=("slices", "mip"),
+                        help="'slices' through the largest GT (else predicted) lesion or maximum-intensity "
+                             "projections ('mip'). Default: slices")
     args = parser.parse_args()
-    result = evaluate_folders(args.pred, args.gt, args.reports, args.np)
+    if args.png and args.img is None:
+        parser.error("--png needs -img (the folder with <case>_0000.nii.gz)")
+    if not args.png and (args.png_dir is not None or args.png_views != "slices"):
+        parser.error("--png_dir / --png_views only apply with --png")
     json_file = args.o if args.o is not None else os.path.join(args.pred, "gfscreen_summary.json")
+    png_dir = None
+    if args.png:
+        png_dir = args.png_dir if args.png_dir is not None else \
+            os.path.join(os.path.dirname(os.path.abspath(json_file)), "figures")
+    result = evaluate_folders(args.pred, args.gt, args.reports, args.np, image_folder=args.img,
+                              png_dir=png_dir, png_views=args.png_views)
     write_results(result, json_file, args.md)
     agg = result["aggregate"]
     print(f"{agg['n_cases']} cases: DSC {agg['dsc_mean']:.4f}, NSD {agg['nsd_mean']:.4f}; "
-          f"written to {json_file}" + (f" and {args.md}" if args.md else ""))
+          f"written to {json_file}" + (f" and {args.md}" if args.md else "")
+          + (f"; pictures in {png_dir}" if png_dir else ""))

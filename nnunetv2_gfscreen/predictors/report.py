@@ -7,7 +7,7 @@ z, y, x), half-open and clipped, so they can be laid over the ground truth direc
 import json
 import math
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import cc3d
 import numpy as np
@@ -105,32 +105,20 @@ def write_case_report(report: dict, report_dir: str) -> str:
     return path
 
 
-def save_case_png(image: np.ndarray, mask: np.ndarray, report: dict, path: str, projection: str = "max") -> str:
-    """A z-projection (max or mean) of the CT (z, y, x) with selected tiles outlined and predicted lesions drawn."""
+def save_case_png(image: np.ndarray, mask: np.ndarray, report: dict, path: str, projection: str = "max",
+                  spacing_zyx: Optional[Sequence[float]] = None) -> str:
+    """The predictor's picture of a case (it knows no ground truth): max (or mean) projections of the CT
+    (z, y, x) in three views with the tiles' Glance scores, the selected tiles and the predicted lesions
+    (``evaluation.figures.render_case_figure``). spacing_zyx (mm, optional) draws voxels to scale."""
     if projection not in ("max", "mean"):
         raise ValueError(f"projection must be 'max' or 'mean', got {projection!r}")
     if image.shape != mask.shape or image.ndim != 3:
         raise ValueError(f"image {image.shape} and mask {mask.shape} must be 3D arrays of one shape")
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    from matplotlib.patches import Rectangle
+    from nnunetv2_gfscreen.evaluation.figures import render_case_figure
 
-    proj = image.max(0) if projection == "max" else image.mean(0)
-    fig, ax = plt.subplots(figsize=(6, 6 * proj.shape[0] / max(proj.shape[1], 1)))
-    ax.imshow(proj, cmap="gray", interpolation="nearest")
-    for t in report["tiles"]:
-        if t["selected"]:
-            (y0, y1), (x0, x1) = t["bbox_original"][1], t["bbox_original"][2]
-            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", lw=0.8))
-    lesion_proj = (mask > 0).any(0)
-    if lesion_proj.any():
-        ax.contour(lesion_proj.astype(float), levels=[0.5], colors="red", linewidths=1.0)
-    ax.set_title(f"{report['case']}: {report['tiles_selected']}/{report['tiles_total']} tiles, "
-                 f"{len(report['lesions'])} lesion(s)")
-    ax.axis("off")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
+    numbers = {k: report[k] for k in ("case", "tiles_selected", "tiles_total", "selection_ratio", "dense")
+               if report.get(k) is not None}
+    if report.get("lesions") is not None:
+        numbers["n_pred_components"] = len(report["lesions"])
+    return render_case_figure(np.asarray(image), None, mask, report, path, numbers,
+                              views="mip" if projection == "max" else "mean", spacing_zyx=spacing_zyx)

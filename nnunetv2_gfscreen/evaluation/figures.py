@@ -1,0 +1,426 @@
+"""One picture per case: what the Glance looked at, what it selected, what the Focus found, and the truth.
+
+``render_case_figure`` draws a CT in three orthogonal views (axial, coronal, sagittal), either the
+slices through the centre of the largest ground-truth lesion (else the largest predicted lesion, else
+the volume centre) or maximum-intensity projections, and lays over each view
+
+- the Glance score of every tile covering a pixel (max where tiles overlap; a slice view only uses the
+  tiles that intersect the slice) as a semi-transparent colormap,
+- the outline of the union of the *selected* tiles' footprints,
+- ground-truth lesion contours and predicted lesion contours,
+
+with a legend, a Glance-score colorbar (the gate threshold marked) and the case's numbers in the title.
+
+Conventions: arrays are (z, y, x) as SimpleITK's ``GetArrayFromImage`` returns them, and report tile
+boxes (``bbox_original``) are half-open ``[[z0, z1], [y0, y1], [x0, x1]]`` in the same order (see
+``predictors/report.py``). The axial view is ``image[z]`` (rows y, columns x, row 0 on top); coronal
+is ``image[:, y]`` (rows z, columns x) and sagittal ``image[:, :, x]`` (rows z, columns y), both with z
+growing upward, which is superior-up for the usual LPS-oriented CT. Matplotlib is used through its
+object API with the Agg canvas (no pyplot state), so figures may be rendered from worker threads.
+"""
+import os
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cc3d
+import numpy as np
+
+VIEWS = ("slices", "mip", "mean")
+VIEW_AXES = (("axial", 0), ("coronal", 1), ("sagittal", 2))
+AXIS_NAMES = ("z", "y", "x")
+HU_SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+
+GT_COLOUR = "#00ff00"  # lime
+PRED_COLOUR = "#ff00ff"  # magenta
+SELECTED_COLOUR = "#00e5ff"  # cyan
+SCORE_CMAP = "inferno"
+SCORE_ALPHA = (0.03, 0.42)  # overlay opacity at score 0 and 1: low scores barely tint the CT
+SCORE_CMAP_RANGE = (0.15, 0.92)  # part of the colormap used: no near-black start, no washed-out top
+CONTOUR_WIDTH = 1.6
+SELECTED_WIDTH = 1.8
+
+# panel geometry, inches
+_PANEL_HEIGHT_MAX = 3.8
+_PANELS_WIDTH_MAX = 12.0
+_MIN_FIG_WIDTH = 8.5
+_GAP = 0.2
+_MIN_SLOT = 1.4  # a panel's slot is at least this wide, so that the panel titles never overlap
+_SIDE = 0.25
+_TOP = 0.95  # title lines + panel titles
+_BOTTOM = 0.85  # legend and colorbar
+
+
+# ---------------------------------------------------------------- what to show
+def largest_component_centre(mask: np.ndarray, spacing_zyx: Optional[Sequence[float]] = None
+                             ) -> Optional[Tuple[int, int, int]]:
+    """The voxel of the largest 26-connected component of ``mask`` nearest its centroid (so the
+    three slices through it all cut the lesion, even a curved one); None for an empty mask."""
+    if mask is None:
+        return None
+    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=26, return_N=True)
+    if n == 0:
+        return None
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    counts[0] = 0
+    coords = np.argwhere(labels == int(np.argmax(counts)))
+    sp = np.ones(3) if spacing_zyx is None else np.asarray(spacing_zyx, float)
+    d2 = (((coords - coords.mean(0)) * sp) ** 2).sum(1)
+    return tuple(int(v) for v in coords[int(np.argmin(d2))])
+
+
+def choose_centre(gt: Optional[np.ndarray], pred: Optional[np.ndarray], shape: Sequence[int],
+                  spacing_zyx: Optional[Sequence[float]] = None) -> Tuple[Tuple[int, int, int], str]:
+    """(z, y, x) to slice through and a phrase saying why: the largest GT lesion, else the largest
+    predicted lesion, else the volume centre."""
+    for mask, what in ((gt, "the largest ground-truth lesion"), (pred, "the largest predicted lesion")):
+        centre = largest_component_centre(mask, spacing_zyx)
+        if centre is not None:
+            return centre, what
+    return tuple(int(s) // 2 for s in shape), "the volume centre (no lesion)"
+
+
+def looks_like_hu(image: np.ndarray) -> bool:
+    """CT in Hounsfield units has air (about -1000); normalised, MR or PET images have no values that low."""
+    return float(np.min(image)) <= -500
+
+
+def display_window(image: np.ndarray) -> Tuple[float, float]:
+    """A soft-tissue window (-160..240 HU) for CT in HU, else the 1st-99th percentile."""
+    if looks_like_hu(image):
+        return HU_SOFT_TISSUE_WINDOW
+    return percentile_window(image)
+
+
+def percentile_window(*arrays: np.ndarray) -> Tuple[float, float]:
+    """The 1st-99th percentile of the finite values (on a subsample of at most ~1M values)."""
+    values = np.concatenate([np.asarray(a, np.float32).ravel()[::max(1, np.asarray(a).size // 1_000_000)]
+                             for a in arrays])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(values, [1, 99]))
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+
+
+def _parse_tiles(report: Optional[dict], shape: Sequence[int]):
+    """(boxes (n, 3, 2) clipped to the image, scores (n,) with NaN where missing, selected (n,) bool)."""
+    tiles = (report or {}).get("tiles") or []
+    boxes, scores, selected = [], [], []
+    for t in tiles:
+        box = t.get("bbox_original") if isinstance(t, dict) else None
+        try:
+            box = np.clip(np.asarray(box, dtype=np.int64).reshape(3, 2), 0, np.asarray(shape)[:, None])
+        except (TypeError, ValueError):
+            continue  # a malformed tile cannot be drawn; the evaluator reports those
+        if np.any(box[:, 1] <= box[:, 0]):
+            continue
+        score = t.get("score")
+        boxes.append(box)
+        scores.append(float(score) if isinstance(score, (int, float)) and np.isfinite(score) else np.nan)
+        selected.append(bool(t.get("selected", False)))
+    return (np.asarray(boxes, np.int64).reshape(-1, 3, 2), np.asarray(scores, np.float32),
+            np.asarray(selected, bool))
+
+
+def tile_maps(boxes: np.ndarray, scores: np.ndarray, selected: np.ndarray, shape: Sequence[int], axis: int,
+              index: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-pixel max Glance score (NaN where no scored tile) and the union of selected tiles in the
+    view along ``axis``: the tiles whose box contains ``index`` on that axis, or all (a projection,
+    ``index`` None)."""
+    rows, cols = [d for d in range(3) if d != axis]
+    score = np.full((shape[rows], shape[cols]), np.nan, np.float32)
+    union = np.zeros((shape[rows], shape[cols]), bool)
+    for box, s, sel in zip(boxes, scores, selected):
+        if index is not None and not box[axis, 0] <= index < box[axis, 1]:
+            continue
+        window = (slice(*box[rows]), slice(*box[cols]))
+        if not np.isnan(s):
+            np.fmax(score[window], s, out=score[window])
+        if sel:
+            union[window] = True
+    return score, union
+
+
+# ---------------------------------------------------------------- title
+def _num(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float, np.integer, np.floating)) and np.isfinite(v) else None
+
+
+def format_title(numbers: Optional[dict]) -> str:
+    """The numbers line of the title.
+
+    Known keys (all optional): ``tiles_selected``, ``tiles_total``, ``selection_ratio``, ``dense``,
+    ``n_found``, ``n_lesions``, ``n_pred_components`` (when there is no GT count), ``dsc``, ``nsd``,
+    ``n_fp_components``. Any other key except ``case`` is appended as ``key value``.
+    """
+    numbers = dict(numbers or {})
+    parts: List[str] = []
+    sel, tot, ratio = (_num(numbers.pop(k, None)) for k in ("tiles_selected", "tiles_total", "selection_ratio"))
+    dense = bool(numbers.pop("dense", False))
+    if ratio is None and sel is not None and tot:
+        ratio = sel / tot
+    if sel is not None and tot is not None:
+        parts.append(f"tiles {int(sel)}/{int(tot)} selected" + ("" if ratio is None else f" ({100 * ratio:.1f}%)"))
+    elif ratio is not None:
+        parts.append(f"selection ratio {100 * ratio:.1f}%")
+    if dense:
+        parts.append("dense")
+    found, lesions = _num(numbers.pop("n_found", None)), _num(numbers.pop("n_lesions", None))
+    n_pred = _num(numbers.pop("n_pred_components", None))
+    if lesions is not None:
+        parts.append(f"lesions found {int(found or 0)}/{int(lesions)}")
+    elif n_pred is not None:
+        parts.append(f"{int(n_pred)} predicted lesion(s)")
+    for key, label in (("dsc", "DSC"), ("nsd", "NSD")):
+        v = _num(numbers.pop(key, None))
+        if v is not None:
+            parts.append(f"{label} {v:.3f}")
+    fp = _num(numbers.pop("n_fp_components", None))
+    if fp is not None:
+        parts.append(f"FP lesions {int(fp)}")
+    numbers.pop("case", None)
+    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items() if v is not None]
+    return "  \u00b7  ".join(parts)
+
+
+def title_numbers_from(per_case: dict, report: Optional[dict] = None) -> dict:
+    """``render_case_figure``'s title numbers from an evaluator per-case entry (``evaluate_case``'s
+    dict: dsc, nsd, n_lesions, n_found, n_fp_components) and the case's report, if any."""
+    keys = ("case", "dsc", "nsd", "n_lesions", "n_found", "n_fp_components")
+    out = {k: per_case[k] for k in keys if per_case.get(k) is not None}
+    if report:
+        tiles = report.get("tiles")
+        out["tiles_total"] = report.get("tiles_total", len(tiles) if tiles is not None else None)
+        out["tiles_selected"] = report.get(
+            "tiles_selected", sum(bool(t.get("selected")) for t in tiles) if tiles is not None else None)
+        out["selection_ratio"] = report.get("selection_ratio")
+        if report.get("dense"):
+            out["dense"] = True
+        out = {k: v for k, v in out.items() if v is not None}
+    return out
+
+
+# ---------------------------------------------------------------- drawing
+def _score_cmap():
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    base = colormaps[SCORE_CMAP].resampled(256)
+    opaque = base(np.linspace(*SCORE_CMAP_RANGE, 256))
+    colours = opaque.copy()
+    colours[:, 3] = np.linspace(*SCORE_ALPHA, 256)
+    return ListedColormap(colours, name="glance_score"), ListedColormap(opaque, name="glance_score_opaque")
+
+
+def _outline(ax, mask: np.ndarray, colour: str, width: float, zorder: float) -> None:
+    """The 0.5 contour of a 2D binary mask (pixel-edge outline, also along the image border),
+    computed on the mask's bounding box only."""
+    if not mask.any():
+        return
+    padded = np.pad(mask, 1).astype(np.float32)
+    rows, cols = np.flatnonzero(padded.any(1)), np.flatnonzero(padded.any(0))
+    r0, r1, c0, c1 = rows[0] - 1, rows[-1] + 2, cols[0] - 1, cols[-1] + 2
+    ys, xs = np.arange(r0, r1) - 1, np.arange(c0, c1) - 1
+    ax.contour(xs, ys, padded[r0:r1, c0:c1], levels=[0.5], colors=[colour], linewidths=width,
+               zorder=zorder, antialiased=True)
+
+
+def _runs(flags: np.ndarray) -> List[Tuple[int, int]]:
+    """Half-open [start, stop) runs of True in a 1D bool array."""
+    d = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
+
+
+def pixel_edges(mask: np.ndarray) -> List[List[Tuple[float, float]]]:
+    """The boundary of a 2D binary mask along pixel edges, as straight segments in (x, y) data
+    coordinates (pixel (r, c) covers x in c +- 0.5, y in r +- 0.5); collinear edges are merged."""
+    padded = np.pad(np.asarray(mask, bool), 1)
+    segments = []
+    horizontal = padded[1:, :] != padded[:-1, :]  # edge between padded rows i and i+1: y = i - 0.5
+    for i in np.flatnonzero(horizontal.any(1)):
+        segments += [[(c0 - 1.5, i - 0.5), (c1 - 1.5, i - 0.5)] for c0, c1 in _runs(horizontal[i])]
+    vertical = padded[:, 1:] != padded[:, :-1]
+    for j in np.flatnonzero(vertical.any(0)):
+        segments += [[(j - 0.5, r0 - 1.5), (j - 0.5, r1 - 1.5)] for r0, r1 in _runs(vertical[:, j])]
+    return segments
+
+
+def _edge_outline(ax, mask: np.ndarray, colour: str, width: float, zorder: float) -> None:
+    """Pixel-exact outline (tile footprints are rectangles: no corner rounding)."""
+    from matplotlib.collections import LineCollection
+    segments = pixel_edges(mask)
+    if segments:
+        ax.add_collection(LineCollection(segments, colors=colour, linewidths=width, zorder=zorder,
+                                         capstyle="projecting"), autolim=False)
+
+
+def _view_images(image, gt, pred, views: str, centre):
+    """Per view: (name, axis, index or None, 2D image, 2D gt or None, 2D pred or None)."""
+    out = []
+    for name, axis in VIEW_AXES:
+        if views == "slices":
+            index = centre[axis]
+            take = lambda a: None if a is None else np.take(a, index, axis=axis)
+            out.append((name, axis, index, take(image), take(gt), take(pred)))
+        else:
+            proj = np.max if views == "mip" else np.mean
+            take = lambda a: None if a is None else np.any(a, axis=axis)
+            out.append((name, axis, None, proj(image, axis=axis), take(gt), take(pred)))
+    return out
+
+
+def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Optional[np.ndarray],
+                       report: Optional[dict], path: str, title_numbers: Optional[Dict] = None,
+                       views: str = "slices", spacing_zyx: Optional[Sequence[float]] = None,
+                       centre_zyx: Optional[Sequence[int]] = None, window: Optional[Tuple[float, float]] = None,
+                       dpi: Optional[int] = None) -> str:
+    """Write one PNG of a case to ``path`` (folders created, written atomically); returns ``path``.
+
+    image, gt, pred: (z, y, x) arrays of one shape (gt or pred may be None: not drawn). report: the
+    predictor's case report (``tiles`` with ``bbox_original``, ``score``, ``selected``; ``threshold``)
+    or None (no tile shading). title_numbers: the case's numbers (see ``format_title``; ``case`` names
+    the case, else the report's ``case``, else the file name). views: ``'slices'`` through
+    ``centre_zyx`` (default: ``choose_centre``), ``'mip'`` maximum-intensity projections (masks:
+    any along the ray, all tiles) or ``'mean'`` mean projections. spacing_zyx (mm) sets each view's
+    pixel aspect and the views' relative sizes; without it voxels are drawn square. window: display
+    range (default: soft-tissue window for HU, else 1st-99th percentile; projections always use the
+    projections' percentiles). dpi: default 100, 150 for images wider than 300 voxels in-plane.
+    """
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"image must be a 3D (z, y, x) array, got shape {image.shape}")
+    masks = []
+    for what, m in (("ground truth", gt), ("prediction", pred)):
+        if m is not None:
+            m = np.asarray(m) > 0
+            if m.shape != image.shape:
+                raise ValueError(f"{what} shape {m.shape} differs from image shape {image.shape} (z, y, x)")
+        masks.append(m)
+    gt, pred = masks
+    shape = image.shape
+    if dpi is None:
+        dpi = 150 if max(shape[1:]) > 300 else 100
+    spacing = np.ones(3) if spacing_zyx is None else np.asarray(spacing_zyx, float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing) & (spacing > 0)):
+        raise ValueError(f"spacing_zyx must be three positive numbers, got {spacing_zyx}")
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if views == "slices":
+        if centre_zyx is None:
+            centre, why = choose_centre(gt, pred, shape, spacing)
+        else:
+            centre = tuple(int(np.clip(c, 0, s - 1)) for c, s in zip(centre_zyx, shape))
+            why = "the given centre"
+        subtitle = f"slices through {why}"
+    else:
+        centre = None
+        subtitle = ("maximum" if views == "mip" else "mean") + "-intensity projections"
+    panels = _view_images(image, gt, pred, views, centre)
+    if window is None:
+        window = display_window(image) if views == "slices" else percentile_window(*(p[3] for p in panels))
+
+    boxes, scores, selected = _parse_tiles(report, shape)
+    has_scores = bool(np.any(~np.isnan(scores)))
+    has_selected = bool(selected.any())
+    threshold = _num((report or {}).get("threshold"))
+    dense = bool((report or {}).get("dense"))
+
+    # geometry: one row, one mm scale for all panels, top-aligned
+    extents = []  # (height_mm, width_mm, row spacing, column spacing)
+    for _, axis, *_ in panels:
+        r, c = [d for d in range(3) if d != axis]
+        extents.append((shape[r] * spacing[r], shape[c] * spacing[c], spacing[r], spacing[c]))
+    scale = min(_PANEL_HEIGHT_MAX / max(e[0] for e in extents), _PANELS_WIDTH_MAX / sum(e[1] for e in extents))
+    widths = [e[1] * scale for e in extents]
+    heights = [e[0] * scale for e in extents]
+    slots = [max(w, _MIN_SLOT) for w in widths]
+    panels_width = sum(slots) + _GAP * (len(slots) - 1)
+    fig_w = max(_MIN_FIG_WIDTH, panels_width + 2 * _SIDE)
+    fig_h = _TOP + max(heights) + _BOTTOM
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+
+    score_cmap, score_cmap_opaque = _score_cmap()
+    norm = Normalize(0.0, 1.0)
+    left = (fig_w - panels_width) / 2
+    for (name, axis, index, img2d, gt2d, pred2d), w, slot, h, (_, _, sp_r, sp_c) in zip(
+            panels, widths, slots, heights, extents):
+        ax = fig.add_axes([(left + (slot - w) / 2) / fig_w, (fig_h - _TOP - h) / fig_h, w / fig_w, h / fig_h])
+        left += slot + _GAP
+        origin = "upper" if axis == 0 else "lower"  # z up in coronal / sagittal
+        aspect = sp_r / sp_c
+        ax.imshow(img2d, cmap="gray", vmin=window[0], vmax=window[1], interpolation="antialiased", origin=origin,
+                  aspect=aspect, zorder=0)
+        score2d, union = tile_maps(boxes, scores, selected, shape, axis, index)
+        if has_scores:
+            ax.imshow(np.ma.masked_invalid(score2d), cmap=score_cmap, norm=norm, interpolation="nearest",
+                      origin=origin, aspect=aspect, zorder=1)
+        _edge_outline(ax, union, SELECTED_COLOUR, SELECTED_WIDTH, zorder=2)
+        for m, colour, z in ((gt2d, GT_COLOUR, 4), (pred2d, PRED_COLOUR, 3)):
+            if m is not None:
+                _outline(ax, m, colour, CONTOUR_WIDTH, zorder=z)
+        ax.set_xlim(-0.5, img2d.shape[1] - 0.5)
+        ax.set_ylim(*((img2d.shape[0] - 0.5, -0.5) if origin == "upper" else (-0.5, img2d.shape[0] - 0.5)))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        where = "projection" if index is None else f"{AXIS_NAMES[axis]} = {index}"
+        ax.set_title(f"{name}  ({where})", fontsize=9, pad=3)
+
+    # title
+    case = (title_numbers or {}).get("case") or (report or {}).get("case") \
+        or os.path.basename(path).split(".")[0]
+    fig.text(0.5, 1 - 0.12 / fig_h, str(case), ha="center", va="top", fontsize=12, fontweight="bold")
+    line = format_title(title_numbers)
+    if line:
+        fig.text(0.5, 1 - 0.36 / fig_h, line, ha="center", va="top", fontsize=9.5)
+    fig.text(0.5, 1 - 0.56 / fig_h, subtitle, ha="center", va="top", fontsize=8, color="0.4")
+
+    # legend (left) and colorbar (right) under the panels
+    handles = []
+    if gt is not None:
+        handles.append(Line2D([], [], color=GT_COLOUR, lw=2.2,
+                              label="ground truth" + ("" if gt.any() else " (empty)")))
+    if pred is not None:
+        handles.append(Line2D([], [], color=PRED_COLOUR, lw=2.2,
+                              label="prediction" + ("" if pred.any() else " (empty)")))
+    if has_selected:
+        handles.append(Line2D([], [], color=SELECTED_COLOUR, lw=2.2,
+                              label="selected tiles" + (" (dense: all)" if dense else "")))
+    if not len(boxes):
+        handles.append(Patch(facecolor="none", edgecolor="none",
+                             label="no report: tiles not shown" if report is None else "no tiles in the report"))
+    bar_w = 2.6 if has_scores else 0.0
+    if handles:
+        fig.legend(handles=handles, loc="center left", ncol=len(handles),
+                   bbox_to_anchor=(_SIDE / fig_w, 0.42 / fig_h), fontsize=8.5, frameon=False,
+                   handlelength=1.8, columnspacing=1.2)
+    if has_scores:
+        cax = fig.add_axes([(fig_w - _SIDE - bar_w) / fig_w, 0.45 / fig_h, bar_w / fig_w, 0.13 / fig_h])
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=score_cmap_opaque), cax=cax, orientation="horizontal")
+        bar.set_ticks([0, 0.25, 0.5, 0.75, 1.0])
+        bar.ax.tick_params(labelsize=7, length=2, pad=1)
+        label = "Glance score (tile max)"
+        if threshold is not None and 0 <= threshold <= 1:
+            bar.ax.axvline(threshold, color=SELECTED_COLOUR, lw=2)
+            label += f"; threshold {threshold:.3g}"
+        bar.set_label(label, fontsize=8, labelpad=2)
+        cax.xaxis.set_label_position("top")
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial{os.getpid()}_{threading.get_ident()}"
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
