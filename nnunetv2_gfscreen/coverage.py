@@ -24,11 +24,11 @@ COLUMNS = ("selection_ratio", "voxel_coverage", "lesion_sensitivity", "tile_sens
 @dataclass
 class CaseCoverage:
     """What calibration keeps of one case."""
-    tile_scores: np.ndarray    # (T,) float32 Glance scores
+    tile_scores: np.ndarray    # (T,) float64 Glance scores
     tile_labels: np.ndarray    # (T,) bool: the (whole) tile holds a lesion voxel
-    voxel_scores: np.ndarray   # (U,) float32 ascending: distinct covering max scores of the lesion voxels (-inf: none)
+    voxel_scores: np.ndarray   # (U,) float64 ascending: distinct covering max scores of the lesion voxels (-inf: none)
     voxel_counts: np.ndarray   # (U,) int64: lesion voxels with that score
-    lesion_scores: np.ndarray  # (L,) float32: lesion l is covered at threshold t iff t < lesion_scores[l]
+    lesion_scores: np.ndarray  # (L,) float64: lesion l is covered at threshold t iff t < lesion_scores[l]
     lesion_sizes: np.ndarray   # (L,) int64 voxels per lesion
 
     @property
@@ -37,7 +37,7 @@ class CaseCoverage:
 
     def at(self, threshold: float) -> dict:
         """This case's operating point at `threshold` (coverage figures None without lesions)."""
-        t = np.float32(threshold)
+        t = np.float64(threshold)
         n_vox, n_les = int(self.voxel_counts.sum()), self.n_lesions
         covered_vox = int(self.voxel_counts[self.voxel_scores > t].sum())
         covered = int((self.lesion_scores > t).sum())
@@ -64,9 +64,9 @@ def central_boxes(boxes: np.ndarray, image_shape: Sequence[int], tile_margin: fl
 def max_score_map(boxes: np.ndarray, scores: np.ndarray, region: np.ndarray) -> np.ndarray:
     """For each voxel of `region` ((3, 2) half-open box), the max score of the boxes (T, 3, 2) covering it.
 
-    Returns float32 of the region's shape; -inf where no box covers the voxel."""
+    Returns float64 of the region's shape; -inf where no box covers the voxel."""
     region = np.asarray(region, dtype=np.int64)
-    out = np.full(tuple(region[:, 1] - region[:, 0]), -np.inf, np.float32)
+    out = np.full(tuple(region[:, 1] - region[:, 0]), -np.inf, np.float64)
     lo = np.maximum(boxes[:, :, 0], region[:, 0]) - region[:, 0]
     hi = np.minimum(boxes[:, :, 1], region[:, 1]) - region[:, 0]
     for i in np.flatnonzero(np.all(hi > lo, axis=1)):
@@ -86,7 +86,7 @@ def case_coverage(lesion: np.ndarray, boxes: np.ndarray, scores: np.ndarray, til
     boxes: (T, 3, 2) tiles; scores: (T,) Glance scores. Only the lesions' bounding box is mapped."""
     lesion = np.asarray(lesion, dtype=bool)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 3, 2)
-    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if lesion.ndim != 3 or len(boxes) != len(scores):
         raise ValueError(f"need a 3D lesion mask and one score per box, got {lesion.shape}, {len(boxes)} boxes "
                          f"and {len(scores)} scores")
@@ -94,7 +94,7 @@ def case_coverage(lesion: np.ndarray, boxes: np.ndarray, scores: np.ndarray, til
         raise ValueError(f"tile boxes reach outside the volume {lesion.shape}")
     if not 0 < min_covered_fraction <= 1:
         raise ValueError(f"min_covered_fraction must be in (0, 1], got {min_covered_fraction}")
-    empty_f, empty_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    empty_f, empty_i = np.zeros(0, np.float64), np.zeros(0, np.int64)
     if not lesion.any():
         return CaseCoverage(scores, np.zeros(len(scores), bool), empty_f, empty_i, empty_f, empty_i)
     region = np.array([[idx[0], idx[-1] + 1] for idx in
@@ -111,21 +111,21 @@ def case_coverage(lesion: np.ndarray, boxes: np.ndarray, scores: np.ndarray, til
     sizes = np.bincount(components)[1:]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     lesion_scores = values[order][starts + coverage_rank(sizes, min_covered_fraction) - 1]
-    return CaseCoverage(scores, labels, voxel_scores.astype(np.float32), voxel_counts.astype(np.int64),
-                        lesion_scores.astype(np.float32), sizes.astype(np.int64))
+    return CaseCoverage(scores, labels, voxel_scores.astype(np.float64), voxel_counts.astype(np.int64),
+                        lesion_scores.astype(np.float64), sizes.astype(np.int64))
 
 
 # ---------------------------------------------------------------------- operating curve
 def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
-    """(K,) float32 ascending: below the lowest score (every tile selected), the midpoints between consecutive
+    """(K,) float64 ascending: below the lowest score (every tile selected), the midpoints between consecutive
     distinct scores, and the highest score (nothing selected). Every curve value changes only at a score."""
-    distinct = np.unique(np.asarray(scores, dtype=np.float32))
+    distinct = np.unique(np.asarray(scores, dtype=np.float64))
     if not len(distinct):
         raise ValueError("no tile scores")
-    mids = ((distinct[:-1].astype(np.float64) + distinct[1:]) / 2).astype(np.float32)
-    mids = np.where(mids < distinct[1:], mids, distinct[:-1])  # float32 rounding must not swallow the upper score
-    low = np.nextafter(distinct[0], np.float32(-np.inf)) if distinct[0] <= 0 else np.float32(distinct[0] / 2)
-    return np.concatenate([[low], mids, [distinct[-1]]]).astype(np.float32)
+    mids = (distinct[:-1] + distinct[1:]) / 2
+    mids = np.where(mids < distinct[1:], mids, distinct[:-1])  # rounding must not swallow the upper score
+    low = np.nextafter(distinct[0], np.float64(-np.inf)) if distinct[0] <= 0 else np.float64(distinct[0] / 2)
+    return np.concatenate([[low], mids, [distinct[-1]]]).astype(np.float64)
 
 
 def _above(sorted_values: np.ndarray, thresholds: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
@@ -144,7 +144,7 @@ def operating_curve(cases: Sequence[CaseCoverage], thresholds: Optional[np.ndarr
     if not len(cases):
         raise ValueError("an operating curve needs at least one case")
     scores = np.concatenate([c.tile_scores for c in cases])
-    t = candidate_thresholds(scores) if thresholds is None else np.asarray(thresholds, np.float32)
+    t = candidate_thresholds(scores) if thresholds is None else np.asarray(thresholds, np.float64)
     labels = np.concatenate([c.tile_labels for c in cases])
     vox = np.concatenate([c.voxel_scores for c in cases])
     counts = np.concatenate([c.voxel_counts for c in cases])
@@ -171,8 +171,8 @@ def _column(curve: dict, name: str) -> np.ndarray:
 def curve_at(curve: dict, threshold: float) -> dict:
     """The curve's row at the largest curve threshold <= `threshold`: exact at the curve's own thresholds (for
     any other threshold, `operating_curve(cases, [threshold])` is exact)."""
-    t = np.asarray(curve["threshold"], np.float32)
-    i = max(int(np.searchsorted(t, np.float32(threshold), side="right")) - 1, 0)
+    t = np.asarray(curve["threshold"], np.float64)
+    i = max(int(np.searchsorted(t, np.float64(threshold), side="right")) - 1, 0)
     return {k: curve[k][i] for k in ("threshold",) + COLUMNS if k in curve}
 
 
@@ -219,8 +219,8 @@ def thin_curve(curve: dict, keep: Sequence[float] = (), max_points: int = 2000) 
     idx = set(np.linspace(0, n - 1, max_points).round().astype(int).tolist())
     sens = np.nan_to_num(_column(curve, "lesion_sensitivity"), nan=-1.0)
     idx.update(np.flatnonzero(sens[:-1] != sens[1:]).tolist())
-    t = np.asarray(curve["threshold"], np.float32)
-    idx.update(int(np.searchsorted(t, np.float32(k))) for k in keep)
+    t = np.asarray(curve["threshold"], np.float64)
+    idx.update(int(np.searchsorted(t, np.float64(k))) for k in keep)
     rows = sorted(i for i in idx if 0 <= i < n)
     return {k: [v[i] for i in rows] for k, v in curve.items()}
 

@@ -22,7 +22,7 @@ class GFScreenNetwork(nn.Module):
         self.glance = glance
         self.num_classes = num_classes
         # saved with the weights so that both predictors find the calibrated value
-        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float64))
         self.gating_enabled = True
         # counters (not saved) so callers and tests can see how many tiles the gate skipped
         self.tiles_scored = 0
@@ -34,8 +34,12 @@ class GFScreenNetwork(nn.Module):
         return self.focus.decoder
 
     def glance_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """p(select | tile) for a batch of tiles x (B, C, *patch) -> (B,) float32."""
-        return torch.sigmoid(self.glance(x).float())
+        """p(select | tile) for a batch of tiles x (B, C, *patch) -> (B,) float64.
+
+        float64 because a trained Glance is confident: float32 rounds p to exactly 1 from logit ~16.6 on,
+        and calibrated thresholds sit there (logits of 20-40 are common on lesion tiles); float64 resolves
+        p up to logit ~36."""
+        return torch.sigmoid(self.glance(x).double())
 
     def is_gating(self) -> bool:
         deep_supervision = getattr(getattr(self.focus, "decoder", None), "deep_supervision", False)

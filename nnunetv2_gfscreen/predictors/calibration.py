@@ -76,10 +76,10 @@ def score_cases(network: GFScreenNetwork, cases: Iterable[Tuple[torch.Tensor, np
 def score_and_label_tiles(network: GFScreenNetwork, cases: Iterable[Tuple[torch.Tensor, np.ndarray]],
                           patch_size: Sequence[int], tile_step_size: float = 0.5, batch_size: int = 8,
                           device: torch.device = torch.device('cpu')) -> Tuple[np.ndarray, np.ndarray, int]:
-    """Glance scores (N,) float32 and lesion labels (N,) bool (tile holds a lesion voxel) of all tiles, and the
+    """Glance scores (N,) float64 and lesion labels (N,) bool (tile holds a lesion voxel) of all tiles, and the
     number of cases (see `score_cases`)."""
     summaries = score_cases(network, cases, patch_size, tile_step_size, batch_size, device)
-    return (np.concatenate([c.tile_scores for c in summaries]).astype(np.float32),
+    return (np.concatenate([c.tile_scores for c in summaries]).astype(np.float64),
             np.concatenate([c.tile_labels for c in summaries]), len(summaries))
 
 

@@ -56,7 +56,7 @@ def write_threshold_into_checkpoint(checkpoint_file: str, threshold: float, cali
     weights = checkpoint.get('network_weights', {})
     if 'threshold' not in weights:
         raise KeyError(f"{checkpoint_file} has no network_weights['threshold']: not a GFScreenNetwork checkpoint")
-    weights['threshold'] = torch.tensor(float(threshold), dtype=weights['threshold'].dtype)
+    weights['threshold'] = torch.tensor(float(threshold), dtype=torch.float64)   # float64: see GFScreenNetwork
     if calibration is not None:
         checkpoint[CHECKPOINT_KEY] = calibration
     _atomic_torch_save(checkpoint, checkpoint_file)

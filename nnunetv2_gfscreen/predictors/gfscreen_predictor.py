@@ -73,7 +73,7 @@ def unwrap_gfscreen_network(network: torch.nn.Module) -> GFScreenNetwork:
 @torch.inference_mode()
 def score_tiles(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
                 device: torch.device) -> torch.Tensor:
-    """Glance p(select) for every tile. data: (C, *shape) (already padded); returns (len(slicers),) float32 on CPU.
+    """Glance p(select) for every tile. data: (C, *shape) (already padded); returns (len(slicers),) float64 on CPU.
 
     Tiles are scored in batches of `batch_size`; the Glance normalises per tile (InstanceNorm), so a
     score does not depend on which tiles share its batch.
@@ -84,7 +84,7 @@ def score_tiles(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[
     for start in range(0, len(slicers), batch_size):
         chunk = slicers[start:start + batch_size]
         x = torch.stack([data[s] for s in chunk]).to(device, non_blocking=True)
-        scores.append(network.glance_probabilities(x).float().cpu())
+        scores.append(network.glance_probabilities(x).double().cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
@@ -216,7 +216,7 @@ class GFScreenPredictor(nnUNetPredictor):
         for params, t in zip(self.list_of_parameters, thresholds):
             if "threshold" not in params:
                 raise KeyError("weights have no 'threshold' buffer: not a GFScreenNetwork checkpoint")
-            params["threshold"] = torch.tensor(float(t), dtype=params["threshold"].dtype)
+            params["threshold"] = torch.tensor(float(t), dtype=torch.float64)
         self.gfscreen_network.threshold.fill_(float(thresholds[0]))
 
     def _clock(self) -> float:

@@ -72,7 +72,7 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
     scores = np.mean([r.scores for r in records], axis=0) if first.bboxes else []
     selected = np.any([r.selected for r in records], axis=0) if first.bboxes else []
     tiles = [{"bbox_original": tile_bbox_to_original(b, first.image_shape, properties, transpose_backward),
-              "score": round(float(s), 6), "selected": bool(k)} for b, s, k in zip(first.bboxes, scores, selected)]
+              "score": float(s), "selected": bool(k)} for b, s, k in zip(first.bboxes, scores, selected)]
     n_sel = int(np.sum(selected))
     report = {
         "case": case,

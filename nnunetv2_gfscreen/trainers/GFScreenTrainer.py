@@ -283,7 +283,7 @@ class GFScreenTrainer(nnUNetTrainer):
             for opt in optimizers:
                 opt.step()
         self.update_glance_average()
-        selected = torch.sigmoid(glance_logits.detach()) > net.threshold
+        selected = torch.sigmoid(glance_logits.detach().double()) > net.threshold
         out = {"loss": loss.detach().cpu().numpy(), "seg_losses": seg_loss.detach().cpu().numpy(),
                "glance_dense": dense_loss.detach().cpu().numpy(),
                "mean_reward": rewards.mean().cpu().numpy(), "selection_ratio": selected.float().mean().cpu().numpy()}
