@@ -1,8 +1,11 @@
 """`nnUNetv2_gfscreen_demo`: the whole GF-Screen idea on synthetic CT, on the CPU, in one command.
 
-Synthetic dataset -> nnU-Net plan and preprocess -> GF-Screen configuration (patch and network
-shrunk for CPU speed) -> train (the trainer calibrates the gate on its validation cases) -> predict
-the test cases dense and gated -> evaluate both -> one comparison table. Every step runs the
+Synthetic dataset (conspicuous lesions: a CPU cannot train long enough for realistic ones) ->
+either the small model that ships with the package (trained by `benchmarks/learning_check.py`, see
+nnunetv2_gfscreen/demo_model/MODEL.md) or, with `--train`, nnU-Net plan and preprocess, a GF-Screen
+configuration shrunk for CPU speed and training from scratch (the trainer calibrates the gate on its
+validation cases) -> predict the test cases dense and gated -> evaluate both, with a picture per case
+-> one comparison table plus the gate's lesion coverage next to a random gate's. Every step runs the
 user-facing command line in a child process, with its output streamed, so what the demo prints is
 what a user would see.
 
@@ -34,6 +37,7 @@ OUR_COMMANDS: Dict[str, str] = {
     "nnUNetv2_gfscreen_evaluate": "nnunetv2_gfscreen.evaluation.evaluate_folder:evaluate_entry_point",
 }
 GFSCREEN_CONFIGURATION = "3d_fullres_gfscreen"
+GFSCREEN_MODEL_FOLDER = f"GFScreenTrainer_DemoLong__nnUNetPlans__{GFSCREEN_CONFIGURATION}"
 @dataclass(frozen=True)
 class DemoSettings:
     """Everything that defines one demo run; written into results.json."""
@@ -46,8 +50,12 @@ class DemoSettings:
     seed: int = 0
     healthy_fraction: float = 0.25
     batch_size: int = 2
-    target_sensitivity: float = 0.98     # tile sensitivity the trainer calibrates the gate threshold to
+    target_sensitivity: float = 0.98     # lesion-level sensitivity the trainer calibrates the gate threshold to
     arch_kwargs: dict = field(default_factory=lambda: dict(CPU_ARCH_KWARGS))
+    lesion_boost_hu: float = 0.0         # HU added inside the lesion label of the raw images (conspicuous lesions)
+    # GF-Screen settings written into the plans (nnUNetv2_gfscreen_plan --set): a narrow Glance for the CPU
+    # and, for schedules of a few thousand steps, a faster Glance learning rate than the paper's 3e-4
+    gfscreen_settings: dict = field(default_factory=lambda: {"glance_base_features": 8, "glance_lr": 2e-3})
 
     def __post_init__(self):
         if len(self.shape) != 3 or len(self.patch_size) != 3:
@@ -59,10 +67,15 @@ class DemoSettings:
                              f"got {self.num_train} and {self.num_test}")
 
 
-FULL = DemoSettings(dataset_id=901, num_train=20, num_test=8, shape=(40, 128, 128), patch_size=(16, 64, 64),
-                    trainer="GFScreenTrainer_Demo")
+# The screening experiment: the demo (seed 1, shipped model or --train) and benchmarks/learning_check.py
+# (seed 0, trains the model that ships) use the same generator settings and trainer.
+FULL = DemoSettings(dataset_id=901, num_train=16, num_test=8, shape=(32, 160, 160), patch_size=(16, 64, 64),
+                    trainer="GFScreenTrainer_DemoLong", seed=1, lesion_boost_hu=300.0)
 QUICK = DemoSettings(dataset_id=902, num_train=6, num_test=3, shape=(32, 96, 96), patch_size=(16, 48, 48),
                      trainer="GFScreenTrainer_Tiny")
+
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
 
 # ---------------------------------------------------------------------- pure helpers
@@ -181,6 +194,46 @@ class Runner:
                  ["-d", s.dataset_id, "-ntr", s.num_train, "-nts", s.num_test, "--shape", *s.shape,
                   "--seed", s.seed, "--healthy_fraction", s.healthy_fraction, "-np", 2], "dataset")
 
+    def boost_lesions(self) -> int:
+        """Add `lesion_boost_hu` inside the label of every raw image (imagesTr and imagesTs); returns how many
+        changed. A marker file makes this idempotent, so a rerun on the same folder does not boost twice."""
+        boost = self.settings.lesion_boost_hu
+        marker = self.raw / f"lesions_boosted_{boost:g}HU"
+        if boost == 0 or marker.is_file():
+            return 0
+        import numpy as np
+        import SimpleITK as sitk
+        changed = 0
+        for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+            for img_path in sorted((self.raw / images).glob("*_0000.nii.gz")):
+                lab_path = self.raw / labels / img_path.name.replace("_0000.nii.gz", ".nii.gz")
+                img = sitk.ReadImage(str(img_path))
+                arr = sitk.GetArrayFromImage(img).astype(np.float32)
+                lab = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_path)))
+                if not lab.any():
+                    continue
+                arr[lab > 0] += boost
+                out = sitk.GetImageFromArray(np.clip(arr, -1024, 3071).astype(np.int16))
+                out.CopyInformation(img)
+                sitk.WriteImage(out, str(img_path))
+                changed += 1
+        marker.write_text("lesion voxels of these images were raised by this many HU\n")
+        self.say(f"[boost] raised the lesion voxels of {changed} images by {boost:g} HU (conspicuous lesions)")
+        return changed
+
+    def install_model(self, source: Path, trainer: str) -> None:
+        """Copy a shipped model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth, ...) to where
+        nnU-Net's predictors look for `trainer` on this dataset."""
+        import shutil
+        target = self.fold_folder(trainer).parent
+        if not (source / "fold_0" / "checkpoint_final.pth").is_file():
+            raise SystemExit(f"no shipped model at {source}; train one with `python benchmarks/learning_check.py "
+                             f"--export_demo_model` or run the demo with --train")
+        if target.is_dir():
+            shutil.rmtree(target)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.md"))
+        self.say(f"[model] installed the shipped model {source} as {target}")
+
     def plan_and_preprocess(self) -> None:
         data = self.plans_file.parent / "nnUNetPlans_3d_fullres"
         if self.plans_file.is_file() and data.is_dir() and \
@@ -191,8 +244,10 @@ class Runner:
                      ["-d", self.settings.dataset_id, "-c", "3d_fullres", "-np", 2, "-npfp", 2], "plan+preprocess")
         s = self.settings
         # the trainer calibrates the gate at the end of training (on the fold's validation cases) to this target
+        extra = [f"{k}={v}" for k, v in s.gfscreen_settings.items()]
         self.run("nnUNetv2_gfscreen_plan", ["-d", s.dataset_id, "--overwrite", "--set",
-                                            f"target_tile_sensitivity={s.target_sensitivity}"], "plan+preprocess")
+                                            f"target_lesion_sensitivity={s.target_sensitivity}", *extra],
+                 "plan+preprocess")
         plans = shrink_configuration_for_cpu(json.loads(self.plans_file.read_text()), GFSCREEN_CONFIGURATION,
                                              s.patch_size, s.arch_kwargs, s.batch_size)
         self.plans_file.write_text(json.dumps(plans, indent=4))
@@ -228,40 +283,79 @@ class Runner:
                  f"predict {out.name}")
         return reports
 
-    def evaluate(self, pred: Path, reports: Path) -> dict:
+    def evaluate(self, pred: Path, reports: Path, png: bool = False) -> dict:
         summary = pred / "gfscreen_summary.json"
+        pictures = ["--png", "-img", self.raw / "imagesTs", "--png_dir", pred / "figures"] if png else []
         self.run("nnUNetv2_gfscreen_evaluate", ["-pred", pred, "-gt", self.raw / "labelsTs", "-reports", reports,
-                                                "-o", summary, "--md", pred / "gfscreen_summary.md", "-np", 2],
-                 f"evaluate {pred.name}")
+                                                "-o", summary, "--md", pred / "gfscreen_summary.md", "-np", 2,
+                                                *pictures], f"evaluate {pred.name}")
         return json.loads(summary.read_text())
 
+    def predict_and_evaluate(self, trainer: str) -> Dict[str, dict]:
+        """Dense and gated prediction of imagesTs, evaluated (pictures for the gated run), plus the gate's
+        figures on the test tiles (`evaluation/gate.py`) under runs['gated']['gate']."""
+        from nnunetv2_gfscreen.evaluation.gate import gate_figures_from_folders
+        runs = {}
+        for name, dense in (("dense", True), ("gated", False)):
+            pred = self.root / "predictions" / name
+            reports = self.predict(trainer, pred, dense)
+            runs[name] = self.evaluate(pred, reports, png=not dense)["aggregate"]
+            if not dense:
+                runs[name]["gate"] = gate_figures_from_folders(reports, self.raw / "labelsTs",
+                                                               target=self.settings.target_sensitivity)
+        return runs
 
-def run_demo(root: Path, settings: DemoSettings, device: str = "cpu") -> dict:
-    """The demo pipeline; returns what results.json holds."""
+
+def gate_table(gate: dict) -> str:
+    """Markdown: the Glance gate on the test tiles, next to a random gate with the same selection ratio."""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
+    rows = [("Glance gate (stored threshold)", gate["selection_ratio"], gate["voxel_coverage"],
+             gate["lesion_coverage"]),
+            ("random gate, same tiles per case", gate["selection_ratio"], gate["random_voxel_coverage"],
+             gate["random_lesion_coverage"])]
+    lines = ["| gate | selection ratio % | lesion-voxel coverage % | lesions covered % |", "|---|---|---|---|"]
+    lines += [f"| {n} | {pct(s)} | {pct(v)} | {pct(c)} |" for n, s, v, c in rows]
+    auc = "n/a" if gate["tile_auc"] is None else f"{gate['tile_auc']:.3f}"
+    lines += ["", f"Tile AUC (lesion tiles vs the rest) {auc}; on these test cases the Glance's scores would need "
+                  f"{pct(gate['oracle_selection_for_target'])}% of the tiles for {100 * gate['oracle_target']:.0f}% "
+                  f"of the lesions covered (a threshold picked on the test cases themselves: a bound, not a result)."]
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: bool = False) -> dict:
+    """The demo pipeline; returns what results.json holds. Without `train` the shipped model predicts
+    (settings must then be FULL: the model was trained on data of these generator settings)."""
     from nnunetv2_gfscreen.evaluation.tables import format_comparison_table
 
     root.mkdir(parents=True, exist_ok=True)
     r = Runner(root, settings, device)
-    r.say(f"GF-Screen demo in {r.root} ({'quick' if settings is QUICK else 'full'} settings, device {device})")
+    r.say(f"GF-Screen demo in {r.root} ({'quick' if settings is QUICK else 'full'} settings, device {device}, "
+          f"{'training from scratch' if train else 'shipped model'})")
     r.make_dataset()
-    r.plan_and_preprocess()
-    r.train(settings.trainer)
-    runs = {}
-    for name, dense in (("dense", True), ("gated", False)):
-        pred = r.root / "predictions" / name
-        runs[name] = r.evaluate(pred, r.predict(settings.trainer, pred, dense))["aggregate"]
+    r.boost_lesions()
+    if train:
+        r.plan_and_preprocess()
+        r.train(settings.trainer)
+    else:
+        r.install_model(DEMO_MODEL_DIR / GFSCREEN_MODEL_FOLDER, settings.trainer)
+    runs = r.predict_and_evaluate(settings.trainer)
     labels = {"dense": "nnU-Net sliding window (dense)", "gated": "GF-Screen (Glance-gated)"}
     table = format_comparison_table({labels[k]: v for k, v in runs.items()})
-    gated = runs["gated"]
-    fmt = lambda k: "n/a" if gated.get(k) is None else f"{100 * gated[k]:.1f}%"
-    notes = [f"{settings.num_test} synthetic test cases of {list(settings.shape)} voxels; model {settings.trainer}, "
-             f"fold 0, trained on the CPU here.",
-             f"Gate threshold calibrated at the end of training on the fold's validation cases to tile sensitivity "
-             f"{settings.target_sensitivity}; on the test cases the Glance's tile sensitivity was "
-             f"{fmt('tile_sensitivity')} and specificity {fmt('tile_specificity')}.",
+    gate = runs["gated"]["gate"]
+    table += "\nThe gate on the test tiles (coverage: a lesion counts when >= 90% of its voxels lie in selected " \
+             "tiles):\n\n" + gate_table(gate)
+    origin = "trained on the CPU here" if train else \
+        f"the shipped model ({DEMO_MODEL_DIR / 'MODEL.md'} says how it was trained)"
+    notes = [f"{settings.num_test} synthetic test cases of {list(settings.shape)} voxels (seed {settings.seed}), "
+             f"lesions raised by {settings.lesion_boost_hu:g} HU (conspicuous: a CPU cannot train long enough for "
+             f"realistic ones); model {settings.trainer}, fold 0, {origin}.",
+             f"Gate threshold calibrated at the end of training on the fold's validation cases to lesion-level "
+             f"sensitivity {settings.target_sensitivity}.",
              "Seconds per case: read, preprocess, sliding window, export and write of one case, cases predicted "
              "one after another (-npp 0 -nps 0), measured by the predictor on this machine.",
-             f"Per-case PNGs and JSON reports: {r.root / 'predictions'}/{{dense,gated}}/reports/."]
+             f"Per-case pictures (three views, tiles shaded by Glance score, selected tiles outlined, ground truth "
+             f"and prediction outlined): {r.root / 'predictions' / 'gated' / 'figures'}/; JSON reports: "
+             f"{r.root / 'predictions'}/{{dense,gated}}/reports/."]
     machine = machine_description()
     result = {"settings": asdict(settings), "device": device, "machine": machine, "step_seconds": r.step_seconds,
               "runs": runs, "table_markdown": table}
@@ -275,14 +369,18 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu") -> dict:
 
 
 def demo_entry_point() -> None:
-    parser = argparse.ArgumentParser(description="GF-Screen demo on synthetic CT: generate, plan, train on the CPU, "
-                                                 "predict dense and gated, evaluate, print one comparison table.")
+    parser = argparse.ArgumentParser(description="GF-Screen demo on synthetic CT: generate test cases, take the shipped "
+                                                 "model (or train one on the CPU with --train), predict dense and "
+                                                 "gated, evaluate, print one comparison table.")
     parser.add_argument("-o", type=str, default="demo_output", help="output folder. Default: ./demo_output")
     parser.add_argument("--quick", action="store_true", default=os.environ.get("GFSCREEN_DEMO_QUICK", "0") == "1",
                         help="tiny smoke version (a few minutes; also GFSCREEN_DEMO_QUICK=1); writes into <o>/quick")
+    parser.add_argument("--train", action="store_true",
+                        help="train the model from scratch (about 45 minutes on 2 CPU cores) instead of using the "
+                             "small model that ships with the package; --quick always trains its tiny model")
     parser.add_argument("-device", type=str, default="cpu", choices=("cpu", "cuda"), help="Default: cpu")
     args = parser.parse_args()
-    root = Path(args.o) / "quick" if args.quick else Path(args.o)
+    root = Path(args.o) / "quick" if args.quick else Path(args.o) / ("trained" if args.train else "")
     t0 = time.perf_counter()
-    run_demo(root, QUICK if args.quick else FULL, args.device)
+    run_demo(root, QUICK if args.quick else FULL, args.device, train=args.train or args.quick)
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} minutes")

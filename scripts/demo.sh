@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's first command: GF-Screen end to end on synthetic CT, on the CPU.
-# Creates ./.venv on first use (scripts/setup_env.sh), then runs nnUNetv2_gfscreen_demo: generate a dataset,
-# plan and preprocess it with nnU-Net, train GFScreenTrainer_Demo, predict the test cases dense and gated,
-# evaluate both and print one comparison table (also written to demo_output/results.md and .json).
-# About 25 minutes on 2 CPU cores; a re-run skips the finished dataset, preprocessing and training.
+# Creates ./.venv on first use (scripts/setup_env.sh), then runs nnUNetv2_gfscreen_demo: generate synthetic
+# test cases, predict them dense and gated with the model shipped in nnunetv2_gfscreen/demo_model/, evaluate
+# both, draw a picture per case and print one comparison table (also written to demo_output/results.md and
+# .json). A few minutes on 2 CPU cores once the venv exists. With --train it plans, preprocesses and trains
+# the model from scratch first (about 45 minutes; a re-run skips the finished dataset, preprocessing and training).
 # Quick smoke version (a few minutes, tiny dataset, GFScreenTrainer_Tiny): GFSCREEN_DEMO_QUICK=1 bash scripts/demo.sh
 # Extra arguments go to the demo (see: bash scripts/demo.sh -h).
 source "$(dirname "$0")/setup_env.sh"

@@ -1,0 +1,71 @@
+"""Gate figures on test cases (evaluation/gate.py): AUC, coverage at the applied gate, the random baseline."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunetv2_gfscreen.evaluation.gate import (central_labels, gate_figures, gate_figures_from_folders,
+                                              random_gate_coverage, tile_auc)
+
+
+def _report(case, boxes, scores, selected):
+    return {"case": case, "tiles": [{"bbox_original": b, "score": s, "selected": k}
+                                    for b, s, k in zip(boxes, scores, selected)]}
+
+
+# a 8x16x16 volume cut into 4 tiles of 8x8x8 along y and x (no overlap), one lesion inside tile 3
+BOXES = [[[0, 8], [0, 8], [0, 8]], [[0, 8], [0, 8], [8, 16]], [[0, 8], [8, 16], [0, 8]], [[0, 8], [8, 16], [8, 16]]]
+
+
+def _gt():
+    gt = np.zeros((8, 16, 16), np.uint8)
+    gt[2:5, 10:13, 10:13] = 1
+    return gt
+
+
+def test_tile_auc_by_hand():
+    assert tile_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert tile_auc([0.1, 0.8, 0.9, 0.2], [True, True, False, False]) == 0.25
+    assert tile_auc([0.5, 0.5], [True, False]) == 0.5
+    assert tile_auc([0.5, 0.4], [True, True]) is None
+
+
+def test_gate_that_selects_the_lesion_tile_covers_it_and_random_gate_does_a_quarter():
+    report = _report("a", BOXES, [0.1, 0.2, 0.3, 0.9], [False, False, False, True])
+    figures = gate_figures([report], [_gt()], random_repeats=400)
+    assert figures["tile_auc"] == 1.0 and figures["tile_auc_central"] == 1.0
+    assert figures["selection_ratio"] == 0.25
+    assert figures["voxel_coverage"] == 1.0 and figures["lesion_coverage"] == 1.0
+    # a random single tile of four holds the lesion one time in four
+    assert figures["random_lesion_coverage"] == pytest.approx(0.25, abs=0.07)
+    assert figures["oracle_selection_for_target"] == 0.25
+    missed = gate_figures([_report("a", BOXES, [0.9, 0.2, 0.3, 0.1], [True, False, False, False])], [_gt()])
+    assert missed["lesion_coverage"] == 0.0 and missed["tile_auc"] == 0.0
+
+
+def test_central_labels_ignore_slivers_at_inner_edges():
+    gt = np.zeros((8, 16, 16), bool)
+    gt[2:5, 7:9, 2:4] = True            # straddles y = 8, the border between tiles 0 and 2
+    # tiles of 8 along y: tile 0 covers y 0-8 (central region 2-6... but its y=8 face is inner), tile 2 y 8-16
+    boxes = np.array([[[0, 8], [0, 8], [0, 8]], [[0, 8], [4, 12], [0, 8]], [[0, 8], [8, 16], [0, 8]]])
+    # only the middle tile (y 4-12, central 6-10) holds the lesion centrally; the outer faces are the image border
+    assert central_labels(gt, boxes).tolist() == [False, True, False]
+
+
+def test_random_gate_selecting_everything_covers_everything():
+    boxes = np.array(BOXES)
+    assert random_gate_coverage(_gt() > 0, boxes, 4, repeats=3) == {"voxel_coverage": 1.0, "lesions_covered": 1.0}
+    assert random_gate_coverage(_gt() > 0, boxes, 0, repeats=3)["lesions_covered"] == 0.0
+
+
+def test_from_folders_reads_reports_and_labels(tmp_path):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "reports" / "a.json").write_text(json.dumps(_report("a", BOXES, [0.1, 0.2, 0.3, 0.9],
+                                                                   [False, False, True, True])))
+    sitk.WriteImage(sitk.GetImageFromArray(_gt()), str(tmp_path / "labels" / "a.nii.gz"))
+    figures = gate_figures_from_folders(tmp_path / "reports", tmp_path / "labels")
+    assert figures["selection_ratio"] == 0.5 and figures["lesion_coverage"] == 1.0 and figures["cases"] == 1
+    with pytest.raises(FileNotFoundError):
+        gate_figures_from_folders(tmp_path / "labels", tmp_path / "labels")
