@@ -226,6 +226,44 @@ def thin_curve(curve: dict, keep: Sequence[float] = (), max_points: int = 2000) 
 
 
 # ---------------------------------------------------------------------- leave one case out
+def logit(p) -> np.ndarray:
+    """log(p / (1 - p)) in float64; p = 1 gives +inf and p = 0 gives -inf (no warnings)."""
+    p = np.asarray(p, np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(p) - np.log1p(-p)
+
+
+def loco_margin(cases: Sequence[CaseCoverage], loco: dict, target: float) -> Optional[float]:
+    """The smallest margin m >= 0 in logit units such that lowering each case's leave-one-case-out threshold
+    by m covers at least `target` of all the lesions (pooled). None when no case with lesions has a
+    leave-one-case-out threshold fitted on other lesions.
+
+    Why: the highest threshold that reaches the target on a few calibration lesions sits right at the
+    weakest one's score, and a confident Glance spreads lesion scores over tens of logits, so a new
+    lesion is easily missed (learning check: 4 validation cases, 5 lesions, 1 of them missed under
+    leave-one-case-out). The margin that would have rescued the held-out lesions is an estimate, made
+    on the calibration cases themselves, of how far below its in-sample value the threshold must go.
+    """
+    gaps = []
+    for case, row in zip(cases, loco["cases"]):
+        if case.n_lesions and not row["fallback"]:
+            # lesion l is covered at t iff t < its score: missed by logit(t) - logit(score) when positive
+            gaps.append(logit(row["threshold"]) - logit(case.lesion_scores))
+    if not gaps:
+        return None
+    gaps = np.sort(np.concatenate(gaps))
+    need = gaps[int(coverage_rank(np.array([len(gaps)]), target)[0]) - 1]
+    # strictly more than needed (covered iff threshold < score); 1e-6 logits survive the round trip through exp
+    return 0.0 if need < 0 else float(need + 1e-6)
+
+
+def lower_by_logit(threshold: float, margin: float) -> float:
+    """sigmoid(logit(threshold) - margin): the threshold lowered by `margin` in logit units."""
+    if margin == 0:
+        return float(threshold)
+    return float(1.0 / (1.0 + np.exp(-(logit(threshold) - margin))))
+
+
 def leave_one_case_out(cases: Sequence[CaseCoverage], target: float, fallback_threshold: float,
                        case_ids: Optional[Sequence[str]] = None) -> dict:
     """For each case, the threshold fitted (same rule and target) on all *other* cases and this case's

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from nnunetv2_gfscreen.coverage import (CaseCoverage, case_coverage, central_boxes, choose_threshold, curve_at,
-                                        leave_one_case_out, operating_curve, thin_curve, threshold_for_max_selection,
+                                        leave_one_case_out, logit, loco_margin, lower_by_logit, operating_curve,
+                                        thin_curve, threshold_for_max_selection,
                                         threshold_for_target)
 
 
@@ -190,3 +191,24 @@ def test_thinned_curve_keeps_the_chosen_threshold_and_target_picks():
     for budget in (0.1, 0.5):  # within the budget, never more selection than asked
         assert curve_at(curve, threshold_for_max_selection(thin, budget))["selection_ratio"] <= budget
     assert thin_curve(curve, [], max_points=n) is curve
+
+
+def test_loco_margin_is_what_the_held_out_lesions_needed_in_logits():
+    a = _case([0.9, 0.5, 0.2], [0.9])
+    b = _case([0.8, 0.5, 0.3], [0.8])
+    c = _case([0.1, 0.05, 0.5], [0.1])
+    loco = leave_one_case_out([a, b, c], 1.0, 0.05, ["a", "b", "c"])
+    t_c = {r["case"]: r["threshold"] for r in loco["cases"]}["c"]
+    margin = loco_margin([a, b, c], loco, 1.0)
+    # c's lesion (score 0.1) was missed at c's threshold by logit(t_c) - logit(0.1); a's and b's were covered
+    assert margin == pytest.approx(float(logit(t_c) - logit(c.lesion_scores[0])))
+    assert margin > 0
+    # lowering c's threshold by that margin covers its lesion (score > threshold)
+    assert lower_by_logit(t_c, margin) < c.lesion_scores[0]
+    # a target that tolerates one missed lesion of three needs no margin
+    assert loco_margin([a, b, c], leave_one_case_out([a, b, c], 0.6, 0.05), 0.6) == 0.0
+    assert lower_by_logit(0.7, 0.0) == 0.7
+    assert lower_by_logit(0.5, np.log(3)) == pytest.approx(0.25)      # odds 1 -> 1/3
+    assert logit(1.0) == np.inf and logit(0.0) == -np.inf
+    # no case with lesions and a fitted threshold: undefined
+    assert loco_margin([a], leave_one_case_out([a], 1.0, 0.42), 1.0) is None

@@ -33,6 +33,8 @@ class GFScreenSettings:
     threshold: float = 0.5  # gate threshold until calibration replaces it
     # calibration target for the gate threshold: share of lesions with >= 90% of their voxels in selected tiles
     target_lesion_sensitivity: float = 0.98
+    # coverage counted by the tiles' central regions: this fraction of each side is ignored at inner faces
+    calibration_tile_margin: float = 0.25
 
     def __post_init__(self):
         checks = {
@@ -53,6 +55,7 @@ class GFScreenSettings:
             "glance_weight_decay": self.glance_weight_decay >= 0,
             "threshold": 0 <= self.threshold <= 1,
             "target_lesion_sensitivity": 0 < self.target_lesion_sensitivity <= 1,
+            "calibration_tile_margin": 0 <= self.calibration_tile_margin < 0.5,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -82,7 +82,7 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
         "glance_seconds": round(sum(r.glance_seconds for r in records), 4),
         "focus_seconds": round(sum(r.focus_seconds for r in records), 4),
         "total_seconds": round(float(total_seconds), 4),
-        "threshold": round(float(first.threshold), 6),
+        "threshold": float(first.threshold),
         "dense": bool(first.dense),
         "tiles": tiles,
         "lesions": lesions,
