@@ -313,7 +313,8 @@ def gate_table(gate: dict) -> str:
              gate["lesion_coverage"]),
             ("random gate, same tiles per case", gate["selection_ratio"], gate["random_voxel_coverage"],
              gate["random_lesion_coverage"])]
-    lines = ["| gate | selection ratio % | lesion-voxel coverage % | lesions covered % |", "|---|---|---|---|"]
+    lines = ["| gate | selection ratio % (all tiles pooled) | lesion-voxel coverage % | lesions covered % |",
+             "|---|---|---|---|"]
     lines += [f"| {n} | {pct(s)} | {pct(v)} | {pct(c)} |" for n, s, v, c in rows]
     auc = "n/a" if gate["tile_auc"] is None else f"{gate['tile_auc']:.3f}"
     lines += ["", f"Tile AUC (lesion tiles vs the rest) {auc}; on these test cases the Glance's scores would need "
@@ -351,6 +352,7 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: boo
              f"realistic ones); model {settings.trainer}, fold 0, {origin}.",
              f"Gate threshold calibrated at the end of training on the fold's validation cases to lesion-level "
              f"sensitivity {settings.target_sensitivity}.",
+             "The comparison table's selection ratio is the mean of the cases' ratios; the gate table pools all tiles.",
              "Seconds per case: read, preprocess, sliding window, export and write of one case, cases predicted "
              "one after another (-npp 0 -nps 0), measured by the predictor on this machine.",
              f"Per-case pictures (three views, tiles shaded by Glance score, selected tiles outlined, ground truth "

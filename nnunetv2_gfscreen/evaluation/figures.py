@@ -34,6 +34,14 @@ GT_COLOUR = "#00ff00"  # lime
 PRED_COLOUR = "#ff00ff"  # magenta
 SELECTED_COLOUR = "#00e5ff"  # cyan
 SCORE_CMAP = "inferno"
+LOGIT_RANGE = 20.0  # the score shading spans logits -20 .. 20 (p from 2e-9 to 1 - 2e-9)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), clipped to +-LOGIT_RANGE; NaN stays NaN."""
+    p = np.clip(np.asarray(p, np.float64), 1e-300, 1.0)
+    with np.errstate(divide="ignore"):
+        return np.clip(np.log(p) - np.log1p(-p), -LOGIT_RANGE, LOGIT_RANGE)
 SCORE_ALPHA = (0.03, 0.42)  # overlay opacity at score 0 and 1: low scores barely tint the CT
 SCORE_CMAP_RANGE = (0.15, 0.92)  # part of the colormap used: no near-black start, no washed-out top
 CONTOUR_WIDTH = 1.6
@@ -350,7 +358,9 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
     FigureCanvasAgg(fig)
 
     score_cmap, score_cmap_opaque = _score_cmap()
-    norm = Normalize(0.0, 1.0)
+    # shaded by logit: a trained Glance is confident, and on the probability scale every tile near a lesion
+    # looks the same (p = 0.99999 vs 0.9999998) while the threshold sits among them
+    norm = Normalize(-LOGIT_RANGE, LOGIT_RANGE)
     left = (fig_w - panels_width) / 2
     for (name, axis, index, img2d, gt2d, pred2d), w, slot, h, (_, _, sp_r, sp_c) in zip(
             panels, widths, slots, heights, extents):
@@ -362,7 +372,7 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
                   aspect=aspect, zorder=0)
         score2d, union = tile_maps(boxes, scores, selected, shape, axis, index)
         if has_scores:
-            ax.imshow(np.ma.masked_invalid(score2d), cmap=score_cmap, norm=norm, interpolation="nearest",
+            ax.imshow(np.ma.masked_invalid(_logit(score2d)), cmap=score_cmap, norm=norm, interpolation="nearest",
                       origin=origin, aspect=aspect, zorder=1)
         _edge_outline(ax, union, SELECTED_COLOUR, SELECTED_WIDTH, zorder=2)
         for m, colour, z in ((gt2d, GT_COLOUR, 4), (pred2d, PRED_COLOUR, 3)):
@@ -406,12 +416,13 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
     if has_scores:
         cax = fig.add_axes([(fig_w - _SIDE - bar_w) / fig_w, 0.45 / fig_h, bar_w / fig_w, 0.13 / fig_h])
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=score_cmap_opaque), cax=cax, orientation="horizontal")
-        bar.set_ticks([0, 0.25, 0.5, 0.75, 1.0])
+        bar.set_ticks([-LOGIT_RANGE, -LOGIT_RANGE / 2, 0, LOGIT_RANGE / 2, LOGIT_RANGE])
         bar.ax.tick_params(labelsize=7, length=2, pad=1)
-        label = "Glance score (tile max)"
+        label = "Glance logit, tile max"
         if threshold is not None and 0 <= threshold <= 1:
-            bar.ax.axvline(threshold, color=SELECTED_COLOUR, lw=2)
-            label += f"; threshold {threshold:.3g}"
+            t = float(_logit(np.array(threshold)))
+            bar.ax.axvline(float(np.clip(t, -LOGIT_RANGE, LOGIT_RANGE)), color=SELECTED_COLOUR, lw=2)
+            label += f"; threshold {t:.3g} (p {threshold:.7g})"
         bar.set_label(label, fontsize=8, labelpad=2)
         cax.xaxis.set_label_position("top")
 
