@@ -194,7 +194,8 @@ class GlanceNet(nn.Module):
 
 
 def build_glance(in_channels: int, patch_size: Sequence[int],
-                 input_scale: Union[float, Sequence[float]] = 0.5, base_features: int = 16) -> GlanceNet:
+                 input_scale: Union[float, Sequence[float]] = 0.5, base_features: int = 16,
+                 dense_stage: Optional[int] = 1) -> GlanceNet:
     """The default Glance for Focus tiles of ``patch_size`` (z, y, x).
 
     Five ResNet-D stages (``base_features`` x 1, 2, 4, 8, 16 features, 2 blocks each: the ResNet-18
@@ -205,4 +206,4 @@ def build_glance(in_channels: int, patch_size: Sequence[int],
     if base_features < 1:
         raise ValueError(f"base_features must be >= 1, got {base_features}")
     return GlanceNet(in_channels, input_scale=input_scale, patch_size=patch_size,
-                     features_per_stage=tuple(base_features * 2 ** i for i in range(5)))
+                     features_per_stage=tuple(base_features * 2 ** i for i in range(5)), dense_stage=dense_stage)

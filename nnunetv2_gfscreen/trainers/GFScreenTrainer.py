@@ -45,7 +45,7 @@ from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 
 REWARDS = {"binary": detection_reward, "dice": dice_reward}
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
-NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "threshold")
+NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "threshold")
 GLANCE_OBJECTIVES = ("grl", "ce", "balanced_ce")
 
 
@@ -98,7 +98,7 @@ class GFScreenTrainer(nnUNetTrainer):
                                                          num_output_channels, enable_deep_supervision)
         settings = GFScreenSettings.from_configuration(configuration_manager.configuration)
         glance = build_glance(num_input_channels, configuration_manager.patch_size, settings.glance_input_scale,
-                              settings.glance_base_features)
+                              settings.glance_base_features, settings.glance_dense_stage)
         return GFScreenNetwork(focus, glance, num_output_channels, threshold=settings.threshold)
 
     def _gfscreen_network(self) -> GFScreenNetwork:
