@@ -17,6 +17,9 @@ import cc3d
 import numpy as np
 
 MIN_COVERED_FRACTION = 0.9
+# a tile's central region, the Glance's training label: the middle half of each side (a quarter trimmed
+# at inner faces); at tile step 0.5 these regions cover the volume about once
+CENTRAL_MARGIN = 0.25
 CONNECTIVITY = 26
 COLUMNS = ("selection_ratio", "voxel_coverage", "lesion_sensitivity", "tile_sensitivity", "tile_specificity")
 

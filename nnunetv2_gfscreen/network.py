@@ -37,7 +37,7 @@ class GFScreenNetwork(nn.Module):
         """p(select | tile) for a batch of tiles x (B, C, *patch) -> (B,) float64.
 
         float64 because a trained Glance is confident: float32 rounds p to exactly 1 from logit ~16.6 on,
-        and calibrated thresholds sit there (logits of 20-40 are common on lesion tiles); float64 resolves
+        and calibrated thresholds sit there (logits of 20-40 are common on tiles that hold a lesion in their middle); float64 resolves
         p up to logit ~36."""
         return torch.sigmoid(self.glance(x).double())
 

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cc3d
 import numpy as np
 
+from nnunetv2_gfscreen.coverage import logit
+
 VIEWS = ("slices", "mip", "mean")
 VIEW_AXES = (("axial", 0), ("coronal", 1), ("sagittal", 2))
 AXIS_NAMES = ("z", "y", "x")
@@ -38,10 +40,8 @@ LOGIT_RANGE = 20.0  # the score shading spans logits -20 .. 20 (p from 2e-9 to 1
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)), clipped to +-LOGIT_RANGE; NaN stays NaN."""
-    p = np.clip(np.asarray(p, np.float64), 1e-300, 1.0)
-    with np.errstate(divide="ignore"):
-        return np.clip(np.log(p) - np.log1p(-p), -LOGIT_RANGE, LOGIT_RANGE)
+    """coverage.logit clipped to +-LOGIT_RANGE; NaN stays NaN."""
+    return np.clip(logit(p), -LOGIT_RANGE, LOGIT_RANGE)
 SCORE_ALPHA = (0.03, 0.42)  # overlay opacity at score 0 and 1: low scores barely tint the CT
 SCORE_CMAP_RANGE = (0.15, 0.92)  # part of the colormap used: no near-black start, no washed-out top
 CONTOUR_WIDTH = 1.6

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from nnunetv2_gfscreen.coverage import (CaseCoverage, case_coverage, central_boxes, operating_curve,
+from nnunetv2_gfscreen.coverage import (CENTRAL_MARGIN, CaseCoverage, case_coverage, central_boxes, operating_curve,
                                         threshold_for_target)
 
 
@@ -34,7 +34,7 @@ def report_boxes(report: dict) -> np.ndarray:
 def central_labels(lesion: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """(T,) bool: the tile's central region (a quarter of each side trimmed, untrimmed at the image border)
     holds a lesion voxel: the Glance's training label (trainers/group_sampling.py)."""
-    inner = central_boxes(boxes, lesion.shape, 0.25)
+    inner = central_boxes(boxes, lesion.shape, CENTRAL_MARGIN)
     return np.array([bool(lesion[tuple(slice(a, b) for a, b in box)].any()) for box in inner], dtype=bool)
 
 

@@ -51,7 +51,8 @@ def intensity_augmentation(x: Tensor, p: float, generator: Optional[torch.Genera
     """Per tile with probability p: x * contrast + brightness + Gaussian noise, on x's device.
 
     x: (B, C, *spatial), z-scored CT (nnU-Net's normalisation). contrast ~ U(0.85, 1.15), brightness
-    ~ U(-0.15, 0.15), noise sigma ~ U(0, 0.1). Returns a new tensor; x is not modified.
+    ~ U(-0.15, 0.15), noise sigma ~ U(0, 0.1). Returns a new tensor; x is not modified. Random numbers
+    are drawn on x's device (a `generator` must live there too): this runs on every training step.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
@@ -59,12 +60,12 @@ def intensity_augmentation(x: Tensor, p: float, generator: Optional[torch.Genera
         return x
     b = x.shape[0]
     shape = (b,) + (1,) * (x.ndim - 1)
-    u = torch.rand((4, b), generator=generator, device='cpu').to(x.device)
+    u = torch.rand((4, b), generator=generator, device=x.device)
     apply = (u[0] < p).to(x.dtype).view(shape)
     contrast = 1.0 + apply * (u[1].view(shape).to(x.dtype) * 0.3 - 0.15)
     brightness = apply * (u[2].view(shape).to(x.dtype) * 0.3 - 0.15)
     sigma = apply * u[3].view(shape).to(x.dtype) * 0.1
-    noise = torch.randn(x.shape, generator=generator, device='cpu').to(x.device, x.dtype)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x * contrast + brightness + sigma * noise
 
 

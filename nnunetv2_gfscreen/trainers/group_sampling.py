@@ -28,6 +28,8 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
+from nnunetv2_gfscreen.coverage import CENTRAL_MARGIN, central_boxes
+
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
     """Central `size` crop of the trailing spatial axes of x (C, *spatial); size <= x's spatial shape."""
@@ -61,12 +63,8 @@ def central_region(start: Sequence[int], patch_size: Sequence[int], shape: Seque
     cover the case, each voxel about once, so "lesion in my central region" marks one tile per lesion
     part: the one that holds it with margin.
     """
-    region = []
-    for s, p, n in zip(start, patch_size, shape):
-        lo = s if s <= 0 else s + p // 4
-        hi = s + p if s + p >= n else s + p - p // 4
-        region.append((lo, hi))
-    return region
+    box = np.array([[[s, s + p] for s, p in zip(start, patch_size)]])
+    return [(int(lo), int(hi)) for lo, hi in central_boxes(box, shape, CENTRAL_MARGIN)[0]]
 
 
 def lesion_locations(properties: dict) -> np.ndarray:
@@ -81,7 +79,8 @@ def tiles_with_lesion(starts: Sequence[Sequence[int]], patch_size: Sequence[int]
     """(T,) bool: whether the central region of each tile holds one of `locations` ((L, 3) z, y, x)."""
     if len(locations) == 0 or len(starts) == 0:
         return np.zeros(len(starts), dtype=bool)
-    regions = np.array([central_region(s, patch_size, shape) for s in starts])     # (T, 3, 2)
+    regions = central_boxes(np.array([[[s, s + p] for s, p in zip(start, patch_size)] for start in starts]),
+                            shape, CENTRAL_MARGIN)                                   # (T, 3, 2)
     inside = (locations[:, None, :] >= regions[None, :, :, 0]) & (locations[:, None, :] < regions[None, :, :, 1])
     return inside.all(2).any(0)
 
