@@ -37,7 +37,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_gfscreen.predictors.cli import _device, predict_case, predict_folder
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
-from nnunetv2_gfscreen.synthetic import generate_case
+from nnunetv2_gfscreen.synthetic.dataset import generate_case
 from nnunetv2_gfscreen.trainers import GFScreenTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def _plans(small: bool) -> PlansManager:
 
 
 def _write_cases(folder: str, n: int, shape, spacing_zyx) -> List[str]:
-    """n synthetic CTs (nnunetv2_gfscreen.synthetic anatomy, written at spacing_zyx) as <case>_0000.nii.gz."""
+    """n synthetic CTs (nnunetv2_gfscreen.synthetic.dataset anatomy, written at spacing_zyx) as <case>_0000.nii.gz."""
     os.makedirs(folder, exist_ok=True)
     files = []
     for i in range(n):

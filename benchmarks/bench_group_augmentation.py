@@ -21,7 +21,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_gfscreen.demo import machine_description
+from nnunetv2_gfscreen.experiments.runner import machine_description
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
 from nnunetv2_gfscreen.trainers.group_sampling import centre_crop
 

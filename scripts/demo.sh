@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command: GF-Screen end to end on synthetic CT, on the CPU.
 # Creates ./.venv on first use (scripts/setup_env.sh), then runs nnUNetv2_gfscreen_demo: generate synthetic
-# test cases, predict them dense and gated with the model shipped in nnunetv2_gfscreen/demo_model/, evaluate
+# test cases, predict them dense and gated with the model shipped in nnunetv2_gfscreen/experiments/demo_model/, evaluate
 # both, draw a picture per case and print one comparison table (also written to demo_output/results.md and
 # .json). A few minutes on 2 CPU cores once the venv exists. With --train it plans, preprocesses and trains
 # the model from scratch first (about 45 minutes; a re-run skips the finished dataset, preprocessing and training).
@@ -10,4 +10,4 @@
 source "$(dirname "$0")/setup_env.sh"
 cd "$REPO_ROOT"
 exec "$VENV/bin/python" -c "import sys; sys.argv[0] = 'nnUNetv2_gfscreen_demo'; \
-from nnunetv2_gfscreen.demo import demo_entry_point; demo_entry_point()" "$@"
+from nnunetv2_gfscreen.experiments.demo import demo_entry_point; demo_entry_point()" "$@"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nnunetv2_gfscreen.plans.cpu import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
 
 DATASET_ID = 990
 SHAPE = (32, 96, 96)

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_gfscreen.coverage import CaseCoverage, operating_curve, threshold_for_target
-from nnunetv2_gfscreen.predictors.calibration import (CALIBRATION_FILE, CHECKPOINT_KEY, calibrate_entry_point,
-                                                      calibrate_threshold, load_calibration,
-                                                      loco_thresholds_during_validation, score_and_label_tiles,
-                                                      score_cases, sliding_window_slicers)
+from nnunetv2_gfscreen.core.coverage import CaseCoverage, operating_curve, threshold_for_target
+from nnunetv2_gfscreen.core.calibration import calibrate_threshold, score_and_label_tiles, score_cases
+from nnunetv2_gfscreen.core.calibration_store import CALIBRATION_FILE, CHECKPOINT_KEY, load_calibration
+from nnunetv2_gfscreen.core.tiles import sliding_window_slicers
+from nnunetv2_gfscreen.predictors.calibrate_cli import calibrate_entry_point
+from nnunetv2_gfscreen.trainers.calibration_hook import loco_thresholds_during_validation
 from tests.toy_models import toy_image, toy_network
 
 
@@ -111,7 +112,7 @@ def test_calibration_round_trip(planned_dataset, tmp_path, monkeypatch, capsys):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_gfscreen.coverage import choose_threshold, curve_at
+    from nnunetv2_gfscreen.core.coverage import choose_threshold, curve_at
     from nnunetv2_gfscreen.predictors.cli import run_predict_gfscreen, thresholds_from_calibration
     from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
     from tests.nnunet_fixtures import CONFIG, DATASET_ID

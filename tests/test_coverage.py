@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nnunetv2_gfscreen.coverage import (CaseCoverage, case_coverage, central_boxes, choose_threshold, curve_at,
+from nnunetv2_gfscreen.core.coverage import (CaseCoverage, case_coverage, central_boxes, choose_threshold, curve_at,
                                         leave_one_case_out, logit, loco_margin, lower_by_logit, operating_curve,
                                         thin_curve, threshold_for_max_selection,
                                         threshold_for_target)

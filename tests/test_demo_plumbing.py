@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from nnunetv2_gfscreen.ablation import ABLATION_COLUMNS, ARMS, QUICK_SUFFIX, format_ablation_table, select_arms
-from nnunetv2_gfscreen.demo import FULL, OUR_COMMANDS, QUICK, DemoSettings, command_line, results_markdown
-from nnunetv2_gfscreen.plans.cpu import CPU_ARCH_KWARGS, shrink_configuration_for_cpu, total_stride
+from nnunetv2_gfscreen.experiments.ablation import ABLATION_COLUMNS, ARMS, QUICK_SUFFIX, format_ablation_table, select_arms
+from nnunetv2_gfscreen.experiments.runner import FULL, OUR_COMMANDS, QUICK, DemoSettings, command_line, results_markdown
+from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu, total_stride
 
 
 def _plans():

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunetv2_gfscreen.glance import GlanceNet, build_glance, glance_strides, scaled_shape
-from nnunetv2_gfscreen.grl import detection_reward, grl_loss
+from nnunetv2_gfscreen.core.glance import GlanceNet, build_glance, glance_strides, scaled_shape
+from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 
 CT_TILE = (48, 224, 192)          # nnU-Net 3d_fullres patch for abdominal CT at 2.5 x 0.78 x 0.78 mm
 CT_SPACING = (2.5, 0.78, 0.78)

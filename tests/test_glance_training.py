@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_gfscreen.glance import GlanceNet, build_glance
+from nnunetv2_gfscreen.core.glance import GlanceNet, build_glance
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunetv2_gfscreen.grl import (GRLTerms, balanced_bce, clipped_surrogate, detection_reward, dice_reward,
+from nnunetv2_gfscreen.core.grl import (GRLTerms, balanced_bce, clipped_surrogate, detection_reward, dice_reward,
                                    group_relative_advantages, grl_loss, kl_k3)
 
 

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from nnunetv2_gfscreen.network import GFScreenNetwork
-from nnunetv2_gfscreen.gating import select_tiles
+from nnunetv2_gfscreen.core.network import GFScreenNetwork
+from nnunetv2_gfscreen.core.network import select_tiles
 from tests.toy_models import MeanIntensityGlance, tiny_focus
 
 import pytest

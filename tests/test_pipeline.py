@@ -17,7 +17,7 @@ import torch
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_gfscreen.predictors import torch_export, torch_preprocessing
+from nnunetv2_gfscreen.torch_io import export as torch_export, preprocessing as torch_preprocessing
 from nnunetv2_gfscreen.predictors.cli import predict_folder
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, \
     SlidingWindowRecord, selected_tiles_bbox

@@ -8,7 +8,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-from nnunetv2_gfscreen.predictors.calibration import sliding_window_slicers
+from nnunetv2_gfscreen.core.tiles import sliding_window_slicers
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 from nnunetv2_gfscreen.predictors.report import build_case_report, lesion_components, tile_bbox_to_original
 from tests.toy_models import init_predictor, toy_image, toy_network
@@ -210,8 +210,9 @@ import sys
 
 import SimpleITK as sitk
 
-from nnunetv2_gfscreen.network import GFScreenNetwork
-from nnunetv2_gfscreen.predictors.calibration import score_and_label_tiles, write_threshold_into_checkpoint
+from nnunetv2_gfscreen.core.network import GFScreenNetwork
+from nnunetv2_gfscreen.core.calibration import score_and_label_tiles
+from nnunetv2_gfscreen.core.calibration_store import write_threshold_into_checkpoint
 from nnunetv2_gfscreen.predictors.cli import predict_gfscreen_entry_point
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError
 from tests.nnunet_fixtures import CONFIG, DATASET_ID

@@ -12,7 +12,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
-from nnunetv2_gfscreen.predictors import torch_export as te
+from nnunetv2_gfscreen.torch_io import export as te
 
 _spec = importlib.util.spec_from_file_location('_torch_prepost_cases',
                                                Path(__file__).with_name('test_torch_preprocessing.py'))

@@ -21,7 +21,7 @@ from scipy.ndimage import gaussian_filter
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from nnunetv2_gfscreen.predictors import torch_preprocessing as tp
+from nnunetv2_gfscreen.torch_io import preprocessing as tp
 
 DATASET = 'Dataset987_TinyCT'
 # exact operators, float32 vs nnU-Net's float64: measured max abs diff <= 1e-6 (normalised units), mean <= 8e-8,

@@ -8,7 +8,7 @@ from torch import nn
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_gfscreen.network import GFScreenNetwork
+from nnunetv2_gfscreen.core.network import GFScreenNetwork
 
 PATCH = (16, 32, 32)
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cc3d
 import numpy as np
 
-from nnunetv2_gfscreen.coverage import logit
+from nnunetv2_gfscreen.core.coverage import logit
 
 VIEWS = ("slices", "mip", "mean")
 VIEW_AXES = (("axial", 0), ("coronal", 1), ("sagittal", 2))

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from nnunetv2_gfscreen.coverage import (CENTRAL_MARGIN, CaseCoverage, case_coverage, central_boxes, operating_curve,
+from nnunetv2_gfscreen.core.coverage import (CENTRAL_MARGIN, CaseCoverage, case_coverage, central_boxes, operating_curve,
                                         threshold_for_target)
 
 

@@ -26,8 +26,8 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.helpers import empty_cache
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
-from nnunetv2_gfscreen.coverage import choose_threshold, curve_at
-from nnunetv2_gfscreen.predictors.calibration_store import load_calibration
+from nnunetv2_gfscreen.core.coverage import choose_threshold, curve_at
+from nnunetv2_gfscreen.core.calibration_store import load_calibration
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, TORCH_IO_MODES, \
     selected_tiles_bbox
 from nnunetv2_gfscreen.predictors.pipeline import run_pipeline

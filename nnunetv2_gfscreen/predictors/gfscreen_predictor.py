@@ -21,17 +21,16 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch._dynamo import OptimizedModule
 
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
-from nnunetv2_gfscreen.gating import select_tiles
-from nnunetv2_gfscreen.network import GFScreenNetwork
-from nnunetv2_gfscreen.predictors.torch_export import export_logits_torch
-from nnunetv2_gfscreen.predictors.torch_preprocessing import preprocess_case_torch
+from nnunetv2_gfscreen.core.network import GFScreenNetwork, select_tiles, unwrap_gfscreen_network
+from nnunetv2_gfscreen.core.tiles import score_tiles
+from nnunetv2_gfscreen.torch_io.export import export_logits_torch
+from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
 
 Box = List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
 TORCH_IO_MODES = ('auto', 'on', 'off')
@@ -59,33 +58,6 @@ class SlidingWindowRecord:
     @property
     def tiles_selected(self) -> int:
         return int(sum(self.selected))
-
-
-def unwrap_gfscreen_network(network: torch.nn.Module) -> GFScreenNetwork:
-    """The GFScreenNetwork behind a (possibly torch.compile'd) module; TypeError for anything else."""
-    net = network._orig_mod if isinstance(network, OptimizedModule) else network
-    if not isinstance(net, GFScreenNetwork):
-        raise TypeError(f"GF-Screen gating needs a GFScreenNetwork (a model trained with GFScreenTrainer or a "
-                        f"variant), got {type(net).__name__}")
-    return net
-
-
-@torch.inference_mode()
-def score_tiles(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
-                device: torch.device) -> torch.Tensor:
-    """Glance p(select) for every tile. data: (C, *shape) (already padded); returns (len(slicers),) float64 on CPU.
-
-    Tiles are scored in batches of `batch_size`; the Glance normalises per tile (InstanceNorm), so a
-    score does not depend on which tiles share its batch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    scores = []
-    for start in range(0, len(slicers), batch_size):
-        chunk = slicers[start:start + batch_size]
-        x = torch.stack([data[s] for s in chunk]).to(device, non_blocking=True)
-        scores.append(network.glance_probabilities(x).double().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
 
 
 def nifti_nonfinite_count(path: str) -> int:

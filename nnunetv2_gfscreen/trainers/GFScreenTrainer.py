@@ -17,7 +17,6 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -33,11 +32,11 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_gfscreen.glance import build_glance
-from nnunetv2_gfscreen.grl import balanced_bce, detection_reward, dice_reward, grl_loss
-from nnunetv2_gfscreen.network import GFScreenNetwork
+from nnunetv2_gfscreen.core.glance import build_glance
+from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_reward, grl_loss
+from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
-from nnunetv2_gfscreen.predictors.calibration import calibrate_trainer
+from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
@@ -102,10 +101,7 @@ class GFScreenTrainer(nnUNetTrainer):
         return GFScreenNetwork(focus, glance, num_output_channels, threshold=settings.threshold)
 
     def _gfscreen_network(self) -> GFScreenNetwork:
-        mod = self.network
-        if isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        return mod
+        return unwrap_gfscreen_network(self.network)
 
     def configure_optimizers(self):
         """nnU-Net's SGD + poly schedule for the Focus only; AdamW for the policy Glance (METHOD.md step 7),
@@ -342,7 +338,6 @@ class GFScreenTrainer(nnUNetTrainer):
         """Calibrate the gate on the validation cases first (the all-cases threshold goes into the network and
         the checkpoints), then run nnU-Net's final validation with each case's leave-one-case-out threshold
         (fitted on the other validation cases), so no case is gated at a threshold tuned on itself."""
-        from nnunetv2_gfscreen.predictors.calibration import loco_thresholds_during_validation
         if self.local_rank != 0:
             return super().perform_actual_validation(save_probabilities)
         result = calibrate_trainer(self)

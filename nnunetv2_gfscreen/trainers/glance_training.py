@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnunetv2_gfscreen.grl import balanced_bce
+from nnunetv2_gfscreen.core.grl import balanced_bce
 
 
 def cosine_lr(base_lr: float, epoch: int, num_epochs: int) -> float:

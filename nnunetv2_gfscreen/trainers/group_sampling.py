@@ -28,7 +28,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
-from nnunetv2_gfscreen.coverage import CENTRAL_MARGIN, central_boxes
+from nnunetv2_gfscreen.core.coverage import CENTRAL_MARGIN, central_boxes
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:

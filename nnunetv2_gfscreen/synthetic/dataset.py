@@ -20,9 +20,9 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from nnunetv2_gfscreen.synthetic_anatomy import (ORGAN_HU, ORGAN_LABELS, Grid, SmoothField, build_organ_map,
+from nnunetv2_gfscreen.synthetic.anatomy import (ORGAN_HU, ORGAN_LABELS, Grid, SmoothField, build_organ_map,
                                                   organ_names_present)
-from nnunetv2_gfscreen.synthetic_lesions import paint_lesions, place_lesions
+from nnunetv2_gfscreen.synthetic.lesions import paint_lesions, place_lesions
 
 DEFAULT_SHAPE = (64, 192, 192)
 DEFAULT_HEALTHY_FRACTION = 0.25
@@ -227,7 +227,7 @@ def write_dataset(dataset_id: int, num_train: int, num_test: int, seed: int = 0,
     _save_json_atomic({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "numTraining": num_train,
         "file_ending": ".nii.gz", "name": dataset_name, "numTest": num_test,
-        "description": "Synthetic pan-cancer CT phantom (nnunetv2_gfscreen.synthetic); not real patient data",
+        "description": "Synthetic pan-cancer CT phantom (nnunetv2_gfscreen.synthetic.dataset); not real patient data",
         "gfscreen_synthetic": {"seed": seed, "shape_zyx": list(shape), "healthy_fraction": healthy_fraction},
     }, os.path.join(folder, "dataset.json"))
     return folder

@@ -15,7 +15,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from nnunetv2_gfscreen.predictors.torch_preprocessing import SUPPORTED_RESAMPLING_FN, resample_data_torch
+from nnunetv2_gfscreen.torch_io.preprocessing import SUPPORTED_RESAMPLING_FN, resample_data_torch
 
 
 def _check_covered_bbox(covered_bbox: Sequence[Sequence[int]], shape: Sequence[int]) -> List[List[int]]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from nnunetv2_gfscreen.demo import FULL, DemoSettings, Runner, machine_description, results_markdown
+from nnunetv2_gfscreen.experiments.runner import FULL, DemoSettings, Runner, machine_description, results_markdown
 
 # (method as in the paper's ablation table, full-length trainer); --quick appends "_Short"
 ARMS: Tuple[Tuple[str, str], ...] = (

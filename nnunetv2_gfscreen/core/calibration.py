@@ -10,11 +10,6 @@ other cases for each case and reports that case's figures at it: the honest oper
 calibration_store.py (checkpoint key `gfscreen_calibration`, `network_weights['threshold']`, and the fold's
 gfscreen_calibration.json).
 """
-import argparse
-import itertools
-import os
-from contextlib import contextmanager
-from copy import deepcopy
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -22,25 +17,15 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_gfscreen.coverage import (CONNECTIVITY, MIN_COVERED_FRACTION, CaseCoverage, case_coverage,
+from nnunetv2_gfscreen.core.coverage import (CONNECTIVITY, MIN_COVERED_FRACTION, CaseCoverage, case_coverage,
                                         leave_one_case_out, loco_margin, lower_by_logit, operating_curve, thin_curve,
                                         threshold_for_target)
-from nnunetv2_gfscreen.network import GFScreenNetwork
-from nnunetv2_gfscreen.predictors.calibration_store import (CALIBRATION_FILE, CHECKPOINT_KEY, CHECKPOINTS,  # noqa: F401
-                                                            load_calibration, save_calibration,
-                                                            write_threshold_into_checkpoint)
-from nnunetv2_gfscreen.predictors.gfscreen_predictor import score_tiles, unwrap_gfscreen_network
+from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
+from nnunetv2_gfscreen.core.tiles import score_tiles, sliding_window_slicers
 
 MAX_CURVE_POINTS = 2000
-
-
-def sliding_window_slicers(image_size: Sequence[int], patch_size: Sequence[int], tile_step_size: float) -> List[tuple]:
-    """nnU-Net's 3D tiling (same steps and order as `nnUNetPredictor._internal_get_sliding_window_slicers`)."""
-    steps = compute_steps_for_sliding_window(tuple(image_size), tuple(patch_size), tile_step_size)
-    return [(slice(None), *[slice(s, s + p) for s, p in zip(start, patch_size)]) for start in itertools.product(*steps)]
 
 
 def score_cases(network: GFScreenNetwork, cases: Iterable[Tuple[torch.Tensor, np.ndarray]],
@@ -192,128 +177,7 @@ def describe_calibration(result: dict) -> str:
             + (f". Note: {result['note']}" if result['note'] else ""))
 
 
-def _preprocessed_cases(dataset, keys: Sequence[str]):
+def preprocessed_cases(dataset, keys: Sequence[str]):
     for k in keys:
         data, seg, _, _ = dataset.load_case(k)
         yield torch.from_numpy(np.asarray(data[:], dtype=np.float32)), np.asarray(seg[:])
-
-
-def calibrate_trainer(trainer, target_sensitivity: Optional[float] = None, tile_margin: Optional[float] = None) -> dict:
-    """Calibrate a trained GFScreenTrainer's gate on its validation cases (call before the final validation).
-
-    The live network (the final weights) is calibrated, its `threshold` buffer set (all-cases threshold), and
-    the result stored for checkpoint_final.pth; a checkpoint_best.pth in the output folder gets its own
-    calibration (its Glance differs). Returns the result for the final weights.
-    """
-    target = trainer.gfscreen.target_lesion_sensitivity if target_sensitivity is None else target_sensitivity
-    tile_margin = trainer.gfscreen.calibration_tile_margin if tile_margin is None else tile_margin
-    network = unwrap_gfscreen_network(trainer.network)
-    _, val_keys = trainer.do_split()
-    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, list(val_keys),
-                                    folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
-    keys = list(dataset.identifiers)
-    patch_size = trainer.configuration_manager.patch_size
-    result = calibrate_threshold(network, _preprocessed_cases(dataset, keys), target, patch_size,
-                                 device=trainer.device, tile_margin=tile_margin, case_ids=keys)
-    network.threshold.fill_(result["threshold"])
-    save_calibration(result, trainer.output_folder, "checkpoint_final.pth")
-    trainer.print_to_log_file(f"GF-Screen calibration: {describe_calibration(result)}")
-    best_file = os.path.join(trainer.output_folder, "checkpoint_best.pth")
-    if not os.path.isfile(best_file):
-        return result
-    best = deepcopy(network)
-    best.load_state_dict(torch.load(best_file, map_location='cpu', weights_only=False)['network_weights'])
-    best_result = calibrate_threshold(best, _preprocessed_cases(dataset, keys), target, patch_size,
-                                      device=trainer.device, tile_margin=tile_margin, case_ids=keys)
-    save_calibration(best_result, trainer.output_folder, "checkpoint_best.pth")
-    return result
-
-
-@contextmanager
-def loco_thresholds_during_validation(trainer, result: dict):
-    """While active, loading validation case k through `trainer.dataset_class` sets the network's threshold to
-    k's leave-one-case-out threshold (nnU-Net's final validation predicts each case right after loading it).
-    On exit the dataset class and the all-cases threshold are restored."""
-    network = unwrap_gfscreen_network(trainer.network)
-    all_cases = float(result["threshold"])
-    per_case = {r["case"]: r["threshold"] for r in result["loco"]["cases"]}
-    base = trainer.dataset_class
-
-    def load_case(self, identifier):
-        loaded = base.load_case(self, identifier)
-        network.threshold.fill_(per_case.get(identifier, all_cases))
-        return loaded
-
-    trainer.dataset_class = type(f"LOCOThreshold{base.__name__}", (base,), {"load_case": load_case})
-    trainer.print_to_log_file("GF-Screen: the final validation predicts each case at its leave-one-case-out "
-                              "threshold: " + ", ".join(f"{k} {t:.6g}" for k, t in per_case.items()))
-    try:
-        yield per_case
-    finally:
-        trainer.dataset_class = base
-        network.threshold.fill_(all_cases)
-
-
-# ---------------------------------------------------------------------- command
-def calibrate_entry_point() -> None:
-    """nnUNetv2_gfscreen_calibrate: calibrate the gate threshold of a trained model folder's fold."""
-    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
-    import nnunetv2.paths as paths
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-    from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
-
-    parser = argparse.ArgumentParser(description="Calibrate the GF-Screen gate threshold of a trained fold on its "
-                                                 "validation cases: the highest threshold whose lesion-level "
-                                                 "sensitivity (share of lesions with >= 90% of their voxels inside "
-                                                 "the selected tiles) reaches the target. Stores the operating curve "
-                                                 "and leave-one-case-out figures in the checkpoint and in "
-                                                 f"{CALIBRATION_FILE}.")
-    parser.add_argument('-d', type=str, required=True, help='Dataset name or ID')
-    parser.add_argument('-c', type=str, required=True, help='Configuration, e.g. 3d_fullres')
-    parser.add_argument('-tr', type=str, required=False, default='GFScreenTrainer', help='Trainer. Default: GFScreenTrainer')
-    parser.add_argument('-p', type=str, required=False, default='nnUNetPlans', help='Plans identifier. Default: nnUNetPlans')
-    parser.add_argument('-f', type=str, required=True, help='Fold (0-4 or all)')
-    parser.add_argument('-chk', type=str, required=False, default='checkpoint_final.pth',
-                        help='Checkpoint to calibrate (its threshold is rewritten). Default: checkpoint_final.pth')
-    parser.add_argument('--target_sensitivity', type=float, required=False, default=0.98,
-                        help='Lesion-level sensitivity the chosen threshold must reach on the validation cases '
-                             '(share of 26-connected lesions with >= 90%% of their voxels in selected tiles). '
-                             'Default: 0.98')
-    parser.add_argument('--tile_margin', type=float, required=False, default=0.25,
-                        help='Fraction of each tile side ignored at each face when counting coverage (coverage by '
-                             'the tiles\' central regions; faces on the image border are kept). 0.25: a lesion must '
-                             'lie in the middle half of selected tiles, where the Focus sees it with context '
-                             '(docs/results.md: at 0 the gated DSC fell 1.8 points below dense). Default: 0.25')
-    parser.add_argument('-step_size', type=float, required=False, default=0.5,
-                        help='Sliding-window step size used at inference. Default: 0.5')
-    parser.add_argument('-device', type=str, default='cuda', required=False, help="'cuda', 'cpu' or 'mps'")
-    args = parser.parse_args()
-    if args.device not in ('cpu', 'cuda', 'mps'):
-        raise ValueError(f"-device must be cpu, cuda or mps, got {args.device!r}")
-    fold = args.f if args.f == 'all' else int(args.f)
-
-    model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
-    predictor = GFScreenPredictor(tile_step_size=args.step_size, device=torch.device(args.device), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_folder, [fold], args.chk)
-    dataset_name = maybe_convert_to_dataset_name(args.d)
-    preprocessed_base = join(paths.nnUNet_preprocessed, dataset_name)
-    data_folder = join(preprocessed_base, predictor.configuration_manager.data_identifier)
-    dataset_class = infer_dataset_class(data_folder)
-    if fold == 'all':
-        keys = dataset_class.get_identifiers(data_folder)
-    else:
-        splits_file = join(preprocessed_base, 'splits_final.json')
-        if not isfile(splits_file):
-            raise FileNotFoundError(f"{splits_file} not found: the fold's validation cases are unknown")
-        splits = load_json(splits_file)
-        if fold >= len(splits):
-            raise ValueError(f"fold {fold} is not in {splits_file} ({len(splits)} splits)")
-        keys = splits[fold]['val']
-    dataset = dataset_class(data_folder, list(keys))
-    ids = list(dataset.identifiers)
-    result = calibrate_threshold(predictor, _preprocessed_cases(dataset, ids), args.target_sensitivity,
-                                 tile_margin=args.tile_margin, case_ids=ids)
-    path = save_calibration(result, join(model_folder, f'fold_{fold}'), args.chk)
-    print(f"{describe_calibration(result)}\nwritten to {path} and {args.chk} (key {CHECKPOINT_KEY!r})")

@@ -14,7 +14,6 @@ import torch
 
 CALIBRATION_FILE = "gfscreen_calibration.json"
 CHECKPOINT_KEY = "gfscreen_calibration"
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 
 
 def _atomic_json(obj: dict, path: str) -> None:

@@ -12,7 +12,20 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from nnunetv2_gfscreen.gating import select_tiles
+from torch._dynamo import OptimizedModule
+
+
+def select_tiles(probabilities: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Tiles whose Glance probability p(select) exceeds `threshold` go to the Focus.
+
+    probabilities: (B,) in [0, 1]. Returns a bool mask (B,). A NaN score is never silently
+    rejected (a NaN input would otherwise turn into "healthy"): it raises.
+    """
+    if probabilities.ndim != 1:
+        raise ValueError(f"expected Glance probabilities of shape (B,), got {tuple(probabilities.shape)}")
+    if torch.isnan(probabilities).any():
+        raise ValueError("Glance produced NaN scores; is there NaN in the input image?")
+    return probabilities > threshold
 
 
 class GFScreenNetwork(nn.Module):
@@ -73,3 +86,12 @@ class GFScreenNetwork(nn.Module):
             yield self
         finally:
             self.gating_enabled = previous
+
+
+def unwrap_gfscreen_network(network: torch.nn.Module) -> GFScreenNetwork:
+    """The GFScreenNetwork behind a (possibly torch.compile'd) module; TypeError for anything else."""
+    net = network._orig_mod if isinstance(network, OptimizedModule) else network
+    if not isinstance(net, GFScreenNetwork):
+        raise TypeError(f"GF-Screen gating needs a GFScreenNetwork (a model trained with GFScreenTrainer or a "
+                        f"variant), got {type(net).__name__}")
+    return net
