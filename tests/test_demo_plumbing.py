@@ -94,14 +94,17 @@ def test_select_arms_covers_the_paper_ablation_and_quick_names():
 
 
 def test_quick_arms_exist_and_keep_their_ablation_switch():
-    from nnunetv2_gfscreen.trainers import ablation_variants, variants
+    from nnunetv2_gfscreen import trainers
+    from nnunetv2_gfscreen.trainers.variants import ShortSchedule
     for _, full_name in ARMS:
-        short = getattr(ablation_variants, full_name + QUICK_SUFFIX)
-        full = getattr(variants, full_name, None) or ablation_variants.GFScreenTrainer
-        assert issubclass(short, full)
-        for attr in ("reward_kind", "glance_objective", "use_alpha_ce", "settings_overrides"):
-            assert getattr(short, attr) == getattr(full, attr), (full_name, attr)
-        assert short.short_epochs == ablation_variants._AblationShort.short_epochs
+        short = getattr(trainers, full_name + QUICK_SUFFIX)
+        full = getattr(trainers, full_name)
+        assert issubclass(short, full) and issubclass(short, ShortSchedule)
+        for hook in ("compute_rewards", "grl_alpha", "glance_objective"):
+            assert getattr(short, hook) is getattr(full, hook), (full_name, hook)
+        assert short.settings_overrides == full.settings_overrides
+        assert (short.short_epochs, short.short_iterations) == (ShortSchedule.short_epochs,
+                                                                ShortSchedule.short_iterations)
 
 
 def test_ablation_table_formats_percentages_and_missing_values():

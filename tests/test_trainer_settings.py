@@ -35,12 +35,37 @@ def test_variant_cannot_override_network_settings(planned_dataset, monkeypatch, 
         _trainer(Bad, planned_dataset, monkeypatch, tmp_path)
 
 
-def test_unknown_reward_is_refused(planned_dataset, monkeypatch, tmp_path):
-    class Bad(GFScreenTrainer):
-        reward_kind = "iou"
+def test_ablation_arms_change_only_their_hook():
+    from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_reward
+    from nnunetv2_gfscreen.trainers import (GFScreenTrainer_BalancedCE, GFScreenTrainer_DiceReward,
+                                            GFScreenTrainer_NoAlphaCE, GFScreenTrainer_PlainCE)
 
-    with pytest.raises(ValueError, match="reward_kind"):
-        _trainer(Bad, planned_dataset, monkeypatch, tmp_path)
+    class Settings:  # what the hooks read
+        alpha, clip_eps, beta, dual_clip = 0.5, 0.2, 0.04, 0.0
+
+    def run(cls):
+        t = cls.__new__(cls)  # the hooks need no nnU-Net state
+        t.gfscreen = Settings()
+        rewards = t.compute_rewards(pred, gt, valid)
+        return rewards, t.grl_alpha(), t.glance_objective(logits, logits.detach(), rewards, lesion, groups)
+
+    g = torch.Generator().manual_seed(0)
+    pred, gt = torch.rand(8, 1, 4, 4, 4, generator=g) > 0.7, torch.rand(8, 1, 4, 4, 4, generator=g) > 0.8
+    valid = torch.ones_like(gt)
+    logits, lesion = torch.randn(8, generator=g), (torch.rand(8, generator=g) > 0.5).float()
+    groups = torch.arange(8) // 4
+    base_r, base_a, base_terms = run(GFScreenTrainer)
+    assert torch.equal(base_r, detection_reward(pred, gt, valid)) and base_a == 0.5
+    r, _, _ = run(GFScreenTrainer_DiceReward)
+    assert torch.equal(r, dice_reward(pred, gt, valid)) and not torch.equal(r, base_r)
+    r, a, terms = run(GFScreenTrainer_NoAlphaCE)
+    assert torch.equal(r, base_r) and a == 0.0
+    assert torch.isclose(terms["grl_losses"], base_terms["grl_losses"] - 0.5 * base_terms["grl_ce"])
+    _, _, terms = run(GFScreenTrainer_PlainCE)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, lesion)
+    assert torch.equal(terms["grl_losses"], expected) and terms["grl_kl"] == 0
+    _, _, terms = run(GFScreenTrainer_BalancedCE)
+    assert torch.equal(terms["grl_losses"], balanced_bce(logits, lesion))
 
 
 def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planned_dataset, monkeypatch, tmp_path):

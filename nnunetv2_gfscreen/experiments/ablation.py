@@ -6,7 +6,7 @@ Every arm trains on the same planned dataset (the demo's steps), gets its gate c
 same lesion-level sensitivity on its validation cases (or a fixed `--threshold`), predicts the test cases
 gated and is evaluated; one Markdown table and one JSON hold the results.
 
-`--quick` uses the short variants (trainers/ablation_variants.py) and a small dataset for a CPU;
+`--quick` uses the short variants (trainers/variants.py) and a small dataset for a CPU;
 without it the full-length trainers run (nnU-Net's 1000 epochs: a GPU job).
 """
 import argparse

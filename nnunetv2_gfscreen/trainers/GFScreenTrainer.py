@@ -33,7 +33,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_gfscreen.core.glance import build_glance
-from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_reward, grl_loss
+from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
@@ -42,17 +42,13 @@ from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 
-REWARDS = {"binary": detection_reward, "dice": dice_reward}
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
 NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "threshold")
-GLANCE_OBJECTIVES = ("grl", "ce", "balanced_ce")
 
 
 class GFScreenTrainer(nnUNetTrainer):
-    # ablation switches; variants override these (see variants.py)
-    reward_kind: str = "binary"
-    glance_objective: str = "grl"
-    use_alpha_ce: bool = True
+    """The full method. The paper's ablation arms (variants.py) override `compute_rewards`, `glance_objective` or
+    `grl_alpha`; `settings_overrides` changes GF-Screen settings for a variant (not those that shape the network)."""
     settings_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -68,9 +64,6 @@ class GFScreenTrainer(nnUNetTrainer):
         self.glance_ema_updates = 0
 
     def _refuse_unsupported_modes(self):
-        if self.reward_kind not in REWARDS or self.glance_objective not in GLANCE_OBJECTIVES:
-            raise ValueError(f"{self.__class__.__name__}: reward_kind must be one of {tuple(REWARDS)} and "
-                             f"glance_objective one of {GLANCE_OBJECTIVES}")
         network_keys = sorted(set(self.settings_overrides) & set(NETWORK_SETTINGS))
         if network_keys:
             raise ValueError(f"{self.__class__.__name__}.settings_overrides sets {network_keys}, which shape the "
@@ -120,8 +113,8 @@ class GFScreenTrainer(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         self.reference_glance = deepcopy(self.policy_glance).requires_grad_(False)
-        self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; reward {self.reward_kind}, "
-                               f"Glance objective {self.glance_objective}, alpha-CE {self.use_alpha_ce}")
+        self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; "
+                               f"{(type(self).__doc__ or '').strip().splitlines()[0]}")
 
     def refresh_reference_glance(self):
         """pi_ref <- pi. Both use normalisation that ignores train/eval mode, so the ratio is exactly 1 after."""
@@ -212,18 +205,19 @@ class GFScreenTrainer(nnUNetTrainer):
                 pred_fg.append(self._foreground(out[0] if isinstance(out, list) else out))
         return torch.cat(pred_fg)
 
-    def _glance_loss(self, glance_logits, ref_logits, rewards, lesion, group_ids):
-        """The Glance objective of this trainer (GRL, or the CE baselines of the paper's ablation)."""
-        zero = glance_logits.new_zeros(())
-        if self.glance_objective == "ce":
-            ce = nn.functional.binary_cross_entropy_with_logits(glance_logits, lesion)
-            return {"grl_clip": zero, "grl_kl": zero, "grl_ce": ce, "grl_losses": ce}
-        if self.glance_objective == "balanced_ce":
-            ce = balanced_bce(glance_logits, lesion)
-            return {"grl_clip": zero, "grl_kl": zero, "grl_ce": ce, "grl_losses": ce}
-        alpha = self.gfscreen.alpha if self.use_alpha_ce else 0.0
+    # ------------------------------------------------------------------ ablation hooks (variants.py)
+    def compute_rewards(self, pred_fg: torch.Tensor, gt_fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Reward per group tile (G*N,): the binary detection reward (docs/method.md)."""
+        return detection_reward(pred_fg, gt_fg, valid)
+
+    def grl_alpha(self) -> float:
+        """Weight of GRL's class-balanced CE term."""
+        return self.gfscreen.alpha
+
+    def glance_objective(self, glance_logits, ref_logits, rewards, lesion, group_ids) -> dict:
+        """The Glance's loss terms (grl_clip, grl_kl, grl_ce, grl_losses = their total): GRL."""
         terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
-                         beta=self.gfscreen.beta, alpha=alpha, dual_clip=self.gfscreen.dual_clip or None)
+                         beta=self.gfscreen.beta, alpha=self.grl_alpha(), dual_clip=self.gfscreen.dual_clip or None)
         return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
 
     def _to_device(self, data: torch.Tensor, target):
@@ -247,7 +241,7 @@ class GFScreenTrainer(nnUNetTrainer):
 
         pred_fg = self._group_predictions(group_data)
         gt_fg, valid = self._lesion_masks(group_target)
-        rewards = REWARDS[self.reward_kind](pred_fg, gt_fg, valid)
+        rewards = self.compute_rewards(pred_fg, gt_fg, valid)
         # the Glance's label: lesion in the tile's central region (group_sampling.py); any lesion voxel otherwise
         lesion = group_lesion if group_lesion is not None else gt_fg.flatten(1).any(1).float()
         net = self._gfscreen_network()
@@ -257,7 +251,7 @@ class GFScreenTrainer(nnUNetTrainer):
             glance_logits = glance_logits.float()
             with torch.no_grad():
                 ref_logits = self.reference_glance(glance_input).float()
-        glance_terms = self._glance_loss(glance_logits, ref_logits, rewards, lesion, group_ids)
+        glance_terms = self.glance_objective(glance_logits, ref_logits, rewards, lesion, group_ids)
         dense_loss = dense_lesion_loss(dense_logits, gt_fg) if dense_logits is not None \
             else glance_logits.new_zeros(())
         loss = seg_loss + glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
