@@ -26,7 +26,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 from nnunetv2_gfscreen.trainers import GFScreenTrainer
 
-# nnU-Net's default 3d_fullres plan for an abdominal CT at 2.5 x 0.78 x 0.78 mm (NNUNET_NOTES.md)
+# nnU-Net's default 3d_fullres plan for an abdominal CT at 2.5 x 0.78 x 0.78 mm (docs/nnunet_internals.md, section 10)
 DEFAULT_PLANS = {
     "dataset_name": "Dataset000_Benchmark", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
     "original_median_spacing_after_transp": [2.5, 0.78, 0.78], "original_median_shape_after_transp": [110, 512, 512],

@@ -1,5 +1,5 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: creates ./.venv once and installs the project into it.
-# torch 2.14.1 + torchvision 0.29.1 come first (see ../shared/NNUNET_NOTES.md: with torch 2.13 torchvision
+# torch 2.14.1 + torchvision 0.29.1 come first (see docs/nnunet_internals.md, section 1: with torch 2.13 torchvision
 # does not import and nnU-Net's trainer lookup crashes); then the package, editable, with its test extra.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,4 +1,4 @@
-"""Gate threshold calibration on lesion coverage (METHOD.md, "Gate calibration").
+"""Gate threshold calibration on lesion coverage (docs/method.md, section 6).
 
 Every sliding-window tile of every calibration (validation) case is scored by the Glance, the tiles padded
 and cut exactly as the predictor does. For each candidate threshold the operating curve gives the selection

@@ -12,21 +12,10 @@ from typing import Optional
 
 import torch
 
+from nnunetv2_gfscreen.atomic import torch_save, write_json
+
 CALIBRATION_FILE = "gfscreen_calibration.json"
 CHECKPOINT_KEY = "gfscreen_calibration"
-
-
-def _atomic_json(obj: dict, path: str) -> None:
-    tmp = path + f".partial{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: dict, path: str) -> None:
-    tmp = path + f".partial{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_calibration(fold_folder: str, checkpoint_name: str = "checkpoint_final.pth") -> dict:
@@ -58,7 +47,7 @@ def write_threshold_into_checkpoint(checkpoint_file: str, threshold: float, cali
     weights['threshold'] = torch.tensor(float(threshold), dtype=torch.float64)   # float64: see GFScreenNetwork
     if calibration is not None:
         checkpoint[CHECKPOINT_KEY] = calibration
-    _atomic_torch_save(checkpoint, checkpoint_file)
+    torch_save(checkpoint, checkpoint_file)
 
 
 def save_calibration(result: dict, fold_folder: str, checkpoint_name: str = "checkpoint_final.pth") -> str:
@@ -73,5 +62,5 @@ def save_calibration(result: dict, fold_folder: str, checkpoint_name: str = "che
     checkpoint_file = os.path.join(fold_folder, checkpoint_name)
     if os.path.isfile(checkpoint_file):
         write_threshold_into_checkpoint(checkpoint_file, result["threshold"], result)
-    _atomic_json(stored, path)
+    write_json(stored, path)
     return path

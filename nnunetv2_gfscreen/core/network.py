@@ -4,7 +4,7 @@ nnU-Net's predictor only knows `build_network_architecture` and `network_weights
 inference needs (Glance weights, the calibrated gate threshold) lives here as parameters and
 buffers. In eval mode the module gates itself: the Glance scores each input tile and rejected
 tiles get all-zero logits, which nnU-Net's Gaussian blending treats as an abstention (see
-NNUNET_NOTES.md), so the stock `nnUNetv2_predict` is gated with no other change.
+docs/nnunet_internals.md, section 5), so the stock `nnUNetv2_predict` is gated with no other change.
 """
 from contextlib import contextmanager
 from typing import Iterator

@@ -19,12 +19,12 @@ growing upward, which is superior-up for the usual LPS-oriented CT. Matplotlib i
 object API with the Agg canvas (no pyplot state), so figures may be rendered from worker threads.
 """
 import os
-import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cc3d
 import numpy as np
 
+from nnunetv2_gfscreen.atomic import atomic_path
 from nnunetv2_gfscreen.core.coverage import logit
 
 VIEWS = ("slices", "mip", "mean")
@@ -427,11 +427,6 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
         cax.xaxis.set_label_position("top")
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial{os.getpid()}_{threading.get_ident()}"
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

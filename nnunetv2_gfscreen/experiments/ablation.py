@@ -1,6 +1,6 @@
 """`nnUNetv2_gfscreen_ablation`: the paper's Glance ablation, re-run on synthetic CT.
 
-Arms (METHOD.md): plain CE, class-balanced CE, GRL with the Dice reward, GRL with the binary
+Arms (docs/method.md, section 4): plain CE, class-balanced CE, GRL with the Dice reward, GRL with the binary
 reward, GRL + binary reward + alpha CE (GF-Screen), and GF-Screen with groups of 4 instead of 16.
 Every arm trains on the same planned dataset (the demo's steps), gets its gate calibrated to the
 same lesion-level sensitivity on its validation cases (or a fixed `--threshold`), predicts the test cases

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Optional
 
+from nnunetv2_gfscreen.atomic import write_json
 from nnunetv2_gfscreen.plans.settings import PLANS_KEY, GFScreenSettings
 
 
@@ -31,10 +32,7 @@ def add_gfscreen_configuration(plans_file: str, source_configuration: str = "3d_
                               f"pass --overwrite to replace it")
     settings = GFScreenSettings.from_dict(overrides)
     configurations[target_configuration] = {"inherits_from": source_configuration, PLANS_KEY: settings.to_dict()}
-    tmp = plans_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(plans, f, indent=4, sort_keys=False)
-    os.replace(tmp, plans_file)
+    write_json(plans, plans_file, indent=4)
     return settings.to_dict()
 
 

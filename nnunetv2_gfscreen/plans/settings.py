@@ -1,4 +1,4 @@
-"""GF-Screen settings: defaults from METHOD.md, overridable per configuration in the plans file.
+"""GF-Screen settings: defaults from docs/method.md (sections 3, 10), overridable per configuration in the plans file.
 
 A configuration's `gfscreen` block (e.g. in `3d_fullres_gfscreen`, which inherits from `3d_fullres`)
 overrides any of the fields below; unknown keys are refused so a typo never silently falls back

@@ -4,7 +4,6 @@ The JSON written by `write_case_report` is read by the evaluator (`evaluation/re
 tile boxes are in the ORIGINAL image's array index order (as the reader returns it, SimpleITK:
 z, y, x), half-open and clipped, so they can be laid over the ground truth directly.
 """
-import json
 import math
 import os
 from typing import List, Optional, Sequence
@@ -12,6 +11,7 @@ from typing import List, Optional, Sequence
 import cc3d
 import numpy as np
 
+from nnunetv2_gfscreen.atomic import write_json
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import Box, SlidingWindowRecord
 
 
@@ -98,11 +98,7 @@ def write_case_report(report: dict, report_dir: str) -> str:
     """Write `<report_dir>/<case>.json` atomically; returns the path."""
     os.makedirs(report_dir, exist_ok=True)
     path = os.path.join(report_dir, f"{report['case']}.json")
-    tmp = path + f".partial{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_json(report, path)
 
 
 def save_case_png(image: np.ndarray, mask: np.ndarray, report: dict, path: str, projection: str = "max",

@@ -8,7 +8,6 @@ byte-identical arrays. Anatomy, lesions and noise use separate streams: the heal
 case (healthy=True) has the same anatomy and noise.
 """
 import argparse
-import json
 import multiprocessing
 import os
 import re
@@ -20,6 +19,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
+from nnunetv2_gfscreen.atomic import atomic_path, write_json
 from nnunetv2_gfscreen.synthetic.anatomy import (ORGAN_HU, ORGAN_LABELS, Grid, SmoothField, build_organ_map,
                                                   organ_names_present)
 from nnunetv2_gfscreen.synthetic.lesions import paint_lesions, place_lesions
@@ -140,9 +140,8 @@ def _atomic_write(array: np.ndarray, spacing_zyx, origin_xyz, path: str, tmp_dir
     img.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
     img.SetOrigin(tuple(float(o) for o in origin_xyz))
     img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    tmp = os.path.join(tmp_dir, f"{os.getpid()}_{os.path.basename(path)}")
-    sitk.WriteImage(img, tmp, True)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".nii.gz", tmp_dir=tmp_dir) as tmp:  # outside imagesTr: never listed as a case
+        sitk.WriteImage(img, tmp, True)
 
 
 def _write_case(task: Tuple[str, str, int, int, Tuple[int, int, int], bool]) -> Dict:
@@ -156,13 +155,6 @@ def _write_case(task: Tuple[str, str, int, int, Tuple[int, int, int], bool]) -> 
     _atomic_write(label, spacing, origin, os.path.join(folder, f"labels{split}", f"{cid}.nii.gz"), tmp_dir)
     keep = ("healthy", "spacing_zyx", "num_lesions", "lesion_kinds", "lesions", "lesion_voxel_fraction", "noise_sd_hu")
     return {"case": cid, "split": split, **{k: info[k] for k in keep}}
-
-
-def _save_json_atomic(obj, path: str) -> None:
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def write_dataset(dataset_id: int, num_train: int, num_test: int, seed: int = 0,
@@ -222,14 +214,14 @@ def write_dataset(dataset_id: int, num_train: int, num_test: int, seed: int = 0,
                 bar.update()
     bar.close()
 
-    _save_json_atomic({s["case"]: s for s in summaries}, os.path.join(folder, "gfscreen_cases.json"))
+    write_json({s["case"]: s for s in summaries}, os.path.join(folder, "gfscreen_cases.json"), indent=2)
     shutil.rmtree(os.path.join(folder, ".partial"))
-    _save_json_atomic({
+    write_json({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "numTraining": num_train,
         "file_ending": ".nii.gz", "name": dataset_name, "numTest": num_test,
-        "description": "Synthetic pan-cancer CT phantom (nnunetv2_gfscreen.synthetic.dataset); not real patient data",
+        "description": "Synthetic pan-cancer CT phantom (nnunetv2_gfscreen.synthetic); not real patient data",
         "gfscreen_synthetic": {"seed": seed, "shape_zyx": list(shape), "healthy_fraction": healthy_fraction},
-    }, os.path.join(folder, "dataset.json"))
+    }, os.path.join(folder, "dataset.json"), indent=2)
     return folder
 
 

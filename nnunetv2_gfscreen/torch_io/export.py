@@ -5,7 +5,6 @@ The logits are resampled with the plans' ``resampling_fn_probabilities_kwargs`` 
 through the same exact per-axis operators as the preprocessing (see torch_preprocessing). With ``covered_bbox`` only
 the part of the volume that selected tiles cover is resampled; everything else is background without any work.
 """
-import os
 from typing import List, Optional, Sequence, Union
 import warnings
 
@@ -15,6 +14,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2_gfscreen.atomic import atomic_path
 from nnunetv2_gfscreen.torch_io.preprocessing import SUPPORTED_RESAMPLING_FN, resample_data_torch
 
 
@@ -69,14 +69,8 @@ def _segment_cropped(logits: torch.Tensor, properties: dict, plans_manager: Plan
 def _write_atomically(segmentation: np.ndarray, properties: dict, plans_manager: PlansManager, file_ending: str,
                       output_file_truncated: str) -> None:
     """Write to a temporary name in the same folder, then rename: no half-written output file ever exists."""
-    final = output_file_truncated + file_ending
-    tmp = f'{output_file_truncated}.partial{os.getpid()}{file_ending}'
-    try:
+    with atomic_path(output_file_truncated + file_ending, suffix=file_ending) as tmp:
         plans_manager.image_reader_writer_class().write_seg(segmentation, tmp, properties)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def export_logits_torch(logits: torch.Tensor, properties: dict, plans_manager: PlansManager,

@@ -1,6 +1,6 @@
 """GFScreenTrainer: nnU-Net's trainer with a Glance policy trained by GRL next to the Focus.
 
-Per step (METHOD.md): nnU-Net's Dice+CE on the Focus for nnU-Net's own batch (its sampling and
+Per step (docs/method.md, sections 3 and 10): nnU-Net's Dice+CE on the Focus for nnU-Net's own batch (its sampling and
 augmentation, unchanged); groups of N grid tiles per CT (`groups_per_step` CTs), which the Focus
 predicts without gradient; a binary detection reward per tile; group-relative advantages; the GRL
 loss (clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced
@@ -10,7 +10,6 @@ calibration and inference use (glance_training.py says why). Everything else (pl
 layout, final validation) is nnU-Net's. Why the Focus batch is not taken from the group:
 group_sampling.py.
 """
-import os
 from copy import deepcopy
 from typing import List, Optional, Union
 
@@ -32,6 +31,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_gfscreen.atomic import torch_save
 from nnunetv2_gfscreen.core.glance import build_glance
 from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
@@ -97,7 +97,7 @@ class GFScreenTrainer(nnUNetTrainer):
         return unwrap_gfscreen_network(self.network)
 
     def configure_optimizers(self):
-        """nnU-Net's SGD + poly schedule for the Focus only; AdamW for the policy Glance (METHOD.md step 7),
+        """nnU-Net's SGD + poly schedule for the Focus only; AdamW for the policy Glance (docs/method.md, section 3.6),
         whose learning rate follows `cosine_lr` per epoch."""
         net = self._gfscreen_network()
         optimizer = torch.optim.SGD(net.focus.parameters(), self.initial_lr, weight_decay=self.weight_decay,
@@ -207,7 +207,7 @@ class GFScreenTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ ablation hooks (variants.py)
     def compute_rewards(self, pred_fg: torch.Tensor, gt_fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Reward per group tile (G*N,): the binary detection reward (docs/method.md)."""
+        """Reward per group tile (G*N,): the binary detection reward (docs/method.md, section 3.2)."""
         return detection_reward(pred_fg, gt_fg, valid)
 
     def grl_alpha(self) -> float:
@@ -356,9 +356,7 @@ class GFScreenTrainer(nnUNetTrainer):
             "reference_glance": self.reference_glance.state_dict(),
             "settings": self.gfscreen.to_dict(),
         }
-        tmp = filename + ".tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)

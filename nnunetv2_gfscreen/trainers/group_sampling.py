@@ -1,6 +1,6 @@
 """Training batches for GF-Screen: nnU-Net's own Focus batch, plus groups of tiles per CT for GRL.
 
-The group is GRPO's candidate set (METHOD.md): advantages are relative within one CT, so a group
+The group is GRPO's candidate set (docs/method.md, section 3.1): advantages are relative within one CT, so a group
 is `group_size` tiles of one CT. The Focus only needs a prediction on them (for the rewards),
 not a gradient, so the Focus's gradient batch is drawn separately and exactly as nnU-Net draws it
 (its `nnUNetDataLoader.generate_train_batch`: batch_size patches from different CTs, its
