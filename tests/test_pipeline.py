@@ -313,3 +313,19 @@ def test_run_pipeline_order_bounds_and_errors():
     assert results == [0, 2] and [str(e) for e in skipped] == ["1"]
     with pytest.raises(ValueError, match="workers must be >= 0, got -1"):
         run_pipeline([0], ["a"], int, int, int, num_preprocess=-1)
+
+
+def test_torch_export_hands_the_mask_back_instead_of_rereading_it(inputs, threshold, tmp_path, monkeypatch):
+    import cc3d
+    predictor = _predictor("on", threshold=threshold)
+
+    def no_reread(*args, **kwargs):
+        raise AssertionError("the exported mask was read back from disk although the export returned it")
+
+    monkeypatch.setattr(predictor.plans_manager.image_reader_writer_class, "read_seg", no_reread)
+    reports = predict_folder(predictor, str(inputs), str(tmp_path))
+    masks = _masks(tmp_path)
+    assert len(reports) == 3
+    for r in reports:
+        _, n = cc3d.connected_components(masks[r["case"]] > 0, connectivity=26, return_N=True)
+        assert len(r["lesions"]) == n and sum(l["voxels"] for l in r["lesions"]) == (masks[r["case"]] > 0).sum()

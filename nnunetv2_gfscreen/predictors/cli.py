@@ -74,14 +74,15 @@ def _export_stage(predictor: GFScreenPredictor, state: _CaseState, report_dir: s
                   save_probabilities: bool, num_threads_export: int) -> dict:
     """Export, then the report (total_seconds = read start .. mask written) and the optional PNG."""
     t0 = time.perf_counter()
-    mask_file = predictor.export_case(state.logits, state.properties, state.output_file_truncated,
-                                      save_probabilities, num_threads_export, covered_bbox=state.covered_bbox,
-                                      case=state.case)
+    mask_file, mask = predictor.export_case_and_mask(state.logits, state.properties, state.output_file_truncated,
+                                                     save_probabilities, num_threads_export,
+                                                     covered_bbox=state.covered_bbox, case=state.case)
     state.logits = None
     t1 = time.perf_counter()
     rw = predictor.plans_manager.image_reader_writer_class()
-    mask, mask_props = rw.read_seg(mask_file)
-    lesions = lesion_components(mask[0], mask_props['spacing'])
+    if mask is None:  # nnU-Net's export wrote it without handing it back
+        mask = rw.read_seg(mask_file)[0][0]
+    lesions = lesion_components(mask, state.properties['spacing'])
     report = build_case_report(state.case, state.records, state.properties,
                                predictor.plans_manager.transpose_backward, lesions, t1 - state.started)
     report.update(torch_io=predictor.use_torch_io,
@@ -91,7 +92,7 @@ def _export_stage(predictor: GFScreenPredictor, state: _CaseState, report_dir: s
     write_case_report(report, report_dir)
     if png:
         image, _ = rw.read_images(state.image_files)
-        save_case_png(np.asarray(image[0]), mask[0], report, join(report_dir, f"{state.case}.png"))
+        save_case_png(np.asarray(image[0]), mask, report, join(report_dir, f"{state.case}.png"))
     print(f"done with {state.case}")
     return report
 

@@ -11,13 +11,9 @@ predictor's device (`torch_preprocessing`, `torch_export`), and the export resam
 the selected tiles; otherwise they call nnU-Net's own CPU functions.
 """
 import os
-import re
-import threading
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -93,41 +89,6 @@ def selected_tiles_bbox(records: Sequence[SlidingWindowRecord]) -> Optional[Box]
     if not boxes:
         return [[0, 0] for _ in shape]
     return [[min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)] for d in range(len(shape))]
-
-
-# ---------------------------------------------------------------------- per-case notice of the torch I/O OOM fallback
-# preprocess_case_torch / export_logits_torch warn when they redo a case on the CPU; Python shows a warning once
-# per code location, and the message does not name the case. The hook below hands those warnings to the thread
-# that is preprocessing/exporting a case, which prints one line naming the case (threads: see pipeline.py).
-_OOM_FALLBACK = r'(preprocess_case_torch|export_logits_torch): out of memory'
-_tls = threading.local()
-_hook_lock = threading.Lock()
-
-
-def _showwarning_with_oom_notes(message, category, filename, lineno, file=None, line=None):
-    notes = getattr(_tls, 'oom_notes', None)
-    if notes is not None and re.match(_OOM_FALLBACK, str(message)):
-        notes.append(str(message))
-        return
-    _showwarning_with_oom_notes.previous(message, category, filename, lineno, file, line)
-
-
-@contextmanager
-def _oom_fallback_notes() -> Iterator[List[str]]:
-    """Collect (instead of showing) this thread's OOM-fallback warnings of the torch I/O functions."""
-    with _hook_lock:
-        if warnings.showwarning is not _showwarning_with_oom_notes:
-            _showwarning_with_oom_notes.previous = warnings.showwarning
-            warnings.showwarning = _showwarning_with_oom_notes
-        # shown for every case, not once per process; added once (each change of the filters resets which
-        # other warnings count as already shown)
-        if not any(f[0] == 'always' and f[1] is not None and f[1].pattern == _OOM_FALLBACK for f in warnings.filters):
-            warnings.filterwarnings('always', message=_OOM_FALLBACK)
-    _tls.oom_notes = notes = []
-    try:
-        yield notes
-    finally:
-        _tls.oom_notes = None
 
 
 class GFScreenPredictor(nnUNetPredictor):
@@ -299,9 +260,9 @@ class GFScreenPredictor(nnUNetPredictor):
         if n_bad:
             raise CaseInputError(f"case {case}: image contains {n_bad} NaN/inf voxel(s); refusing to predict")
         if self.use_torch_io:
-            with _oom_fallback_notes() as notes:
-                data, properties = preprocess_case_torch(image, properties, self.plans_manager,
-                                                         self.configuration_manager, self.dataset_json, self.device)
+            notes = []
+            data, properties = preprocess_case_torch(image, properties, self.plans_manager, self.configuration_manager,
+                                                     self.dataset_json, self.device, on_cpu_fallback=notes.append)
             if notes:
                 print(f"case {case}: out of memory on {self.device} while preprocessing; preprocessed on the CPU")
             return data, properties
@@ -321,17 +282,26 @@ class GFScreenPredictor(nnUNetPredictor):
         covered_bbox (`selected_tiles_bbox`, preprocessed voxels) limits it to the selected tiles' box, voxels
         outside are background. Otherwise nnU-Net's export (on the CPU, whole volume; num_threads_torch threads).
         """
+        return self.export_case_and_mask(logits, properties, output_file_truncated, save_probabilities,
+                                         num_threads_torch, covered_bbox, case)[0]
+
+    def export_case_and_mask(self, logits: torch.Tensor, properties: dict, output_file_truncated: str,
+                             save_probabilities: bool = False, num_threads_torch: int = 1,
+                             covered_bbox: Optional[Box] = None,
+                             case: Optional[str] = None) -> Tuple[str, Optional[np.ndarray]]:
+        """`export_case`, also returning the written mask in the reader's array order when the export had it in
+        memory (the torch export), else None (nnU-Net's export writes it without returning it)."""
         if self.use_torch_io and not save_probabilities:
             case = case or os.path.basename(output_file_truncated)
-            with _oom_fallback_notes() as notes:
-                export_logits_torch(logits.to(self.device), properties, self.plans_manager,
-                                    self.configuration_manager, self.dataset_json, output_file_truncated,
-                                    covered_bbox=covered_bbox)
+            notes = []
+            mask = export_logits_torch(logits.to(self.device), properties, self.plans_manager,
+                                       self.configuration_manager, self.dataset_json, output_file_truncated,
+                                       covered_bbox=covered_bbox, on_cpu_fallback=notes.append)
             if notes:
                 print(f"case {case}: out of memory on {self.device} while exporting; exported on the CPU")
-            return output_file_truncated + self.dataset_json['file_ending']
+            return output_file_truncated + self.dataset_json['file_ending'], mask
         return self._export_case_nnunet(logits, properties, output_file_truncated, save_probabilities,
-                                        num_threads_torch)
+                                        num_threads_torch), None
 
     def _export_case_nnunet(self, logits: torch.Tensor, properties: dict, output_file_truncated: str,
                             save_probabilities: bool, num_threads_torch: int) -> str:

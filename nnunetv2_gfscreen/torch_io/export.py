@@ -5,7 +5,7 @@ The logits are resampled with the plans' ``resampling_fn_probabilities_kwargs`` 
 through the same exact per-axis operators as the preprocessing (see torch_preprocessing). With ``covered_bbox`` only
 the part of the volume that selected tiles cover is resampled; everything else is background without any work.
 """
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 import warnings
 
 import numpy as np
@@ -76,14 +76,15 @@ def _write_atomically(segmentation: np.ndarray, properties: dict, plans_manager:
 def export_logits_torch(logits: torch.Tensor, properties: dict, plans_manager: PlansManager,
                         configuration_manager: ConfigurationManager, dataset_json: Union[dict, str],
                         output_file_truncated: Optional[str],
-                        covered_bbox: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
+                        covered_bbox: Optional[Sequence[Sequence[int]]] = None,
+                        on_cpu_fallback: Optional[Callable[[str], None]] = None) -> np.ndarray:
     """Segmentation from (K, *preprocessed_shape) logits, in the original image array order; written unless
     ``output_file_truncated`` is None (then ``dataset_json['file_ending']`` is appended).
 
     covered_bbox: half-open [[start, stop]] per axis in preprocessed voxels, the box of all selected tiles. Voxels
     outside it are background: only original voxels whose interpolation reads the box are resampled (support of the
     resampling weights, which also sets the margin), all others are 0. If the logits' device runs out of memory the
-    export is redone on the CPU with a warning.
+    export is redone on the CPU; the message goes to `on_cpu_fallback` when given, else to warnings.warn.
     """
     if isinstance(dataset_json, str):
         dataset_json = load_json(dataset_json)
@@ -99,7 +100,8 @@ def export_logits_torch(logits: torch.Tensor, properties: dict, plans_manager: P
         labels, out_bbox = _segment_cropped(logits, properties, plans_manager, configuration_manager,
                                             label_manager, covered_bbox)
     except torch.cuda.OutOfMemoryError:
-        warnings.warn(f'export_logits_torch: out of memory on {logits.device}; exporting this case on the CPU')
+        (on_cpu_fallback or warnings.warn)(f'export_logits_torch: out of memory on {logits.device}; '
+                                           f'exporting this case on the CPU')
         if logits.device.type == 'cuda':
             torch.cuda.empty_cache()
         labels, out_bbox = _segment_cropped(logits.cpu(), properties, plans_manager, configuration_manager,

@@ -15,7 +15,7 @@ to 0.52 normalised units (19% of the range) and 0.03 on average from nnU-Net's o
 from contextlib import contextmanager
 from functools import lru_cache
 from os.path import join
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import warnings
 
 import numpy as np
@@ -254,13 +254,15 @@ def _preprocess(images: Union[np.ndarray, torch.Tensor], properties: dict, plans
 
 def preprocess_case_torch(images: Union[np.ndarray, torch.Tensor], properties: dict, plans_manager: PlansManager,
                           configuration_manager: ConfigurationManager, dataset_json: Union[dict, str],
-                          device: torch.device) -> Tuple[torch.Tensor, dict]:
+                          device: torch.device,
+                          on_cpu_fallback: Optional[Callable[[str], None]] = None) -> Tuple[torch.Tensor, dict]:
     """DefaultPreprocessor.run_case_npy (no segmentation) on ``device``.
 
     images: (C, x, y, z) as the plans' image reader returns them; properties: the reader's dict (with 'spacing').
     Returns ((C, *new_shape) float32 tensor, properties) with 'shape_before_cropping', 'bbox_used_for_cropping' and
     'shape_after_cropping_and_before_resampling' set as nnU-Net sets them. The input dict is not modified.
-    If the device runs out of memory the case is redone on the CPU (with a warning) and the tensor is on the CPU.
+    If the device runs out of memory the case is redone on the CPU and the tensor is on the CPU; the message
+    goes to `on_cpu_fallback` when given (the predictor names the case), else to warnings.warn.
     dataset_json is accepted for symmetry with run_case_npy; without a segmentation nothing in it is needed.
     """
     if 'spacing' not in properties:
@@ -269,7 +271,8 @@ def preprocess_case_torch(images: Union[np.ndarray, torch.Tensor], properties: d
     try:
         return _preprocess(images, dict(properties), plans_manager, configuration_manager, device)
     except torch.cuda.OutOfMemoryError:
-        warnings.warn(f'preprocess_case_torch: out of memory on {device}; preprocessing this case on the CPU')
+        (on_cpu_fallback or warnings.warn)(f'preprocess_case_torch: out of memory on {device}; '
+                                           f'preprocessing this case on the CPU')
         if device.type == 'cuda':
             torch.cuda.empty_cache()
         return _preprocess(images, dict(properties), plans_manager, configuration_manager, torch.device('cpu'))
