@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from nnunetv2_gfscreen.core.case_report import CaseReport
 from nnunetv2_gfscreen.core.coverage import (CENTRAL_MARGIN, CaseCoverage, case_coverage, central_boxes, operating_curve,
                                         threshold_for_target)
 
@@ -52,7 +53,7 @@ def random_gate_coverage(lesion: np.ndarray, boxes: np.ndarray, n_selected: int,
     return {"voxel_coverage": float(np.mean(voxel)), "lesions_covered": float(np.mean(lesions))}
 
 
-def gate_figures(reports: Sequence[dict], labels: Sequence[np.ndarray], target: float = 0.98,
+def gate_figures(reports: Sequence[CaseReport], labels: Sequence[np.ndarray], target: float = 0.98,
                  random_repeats: int = 100) -> dict:
     """Pooled gate figures of test cases (reports and their ground-truth masks, original image arrays).
 
@@ -105,13 +106,13 @@ def gate_figures(reports: Sequence[dict], labels: Sequence[np.ndarray], target: 
 def gate_figures_from_folders(report_dir: Path, labels_dir: Path, file_ending: str = ".nii.gz",
                               **kwargs) -> dict:
     """`gate_figures` for every report in `report_dir` with its ground truth `<labels_dir>/<case><file_ending>`."""
-    import json
     import SimpleITK as sitk
+    from nnunetv2_gfscreen.evaluation.reports import load_report
 
-    reports: List[dict] = []
+    reports: List[CaseReport] = []
     labels: List[np.ndarray] = []
     for path in sorted(Path(report_dir).glob("*.json")):
-        report = json.loads(path.read_text())
+        report = load_report(str(path))
         if "tiles" not in report:
             continue
         reports.append(report)

@@ -1,8 +1,6 @@
-"""Per-case predictor reports (``<case>.json`` written by the gated predictor) against the GT.
+"""Per-case predictor reports (``<case>.json``, schema `core.case_report.CaseReport`) against the GT.
 
-A report may carry ``selection_ratio``, ``glance_seconds``, ``focus_seconds``, ``total_seconds``
-and ``tiles`` (each ``{"bbox_original": [[z0, z1], [y0, y1], [x0, x1]], "selected": bool, ...}``,
-half-open boxes in original-image array index order). Keys that are missing are skipped, so the
+Reports from other tools may carry only part of the schema: keys that are missing are skipped, so the
 aggregates that need them are left out instead of failing.
 """
 import json
@@ -10,11 +8,13 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-REPORT_SCALAR_KEYS = ("selection_ratio", "glance_seconds", "focus_seconds", "total_seconds")
+from nnunetv2_gfscreen.core.case_report import SCALAR_KEYS, CaseReport, TileReport
+
+REPORT_SCALAR_KEYS = SCALAR_KEYS
 TILE_COUNT_KEYS = ("tile_tp", "tile_fn", "tile_fp", "tile_tn")
 
 
-def load_report(path: str) -> dict:
+def load_report(path: str) -> CaseReport:
     """Read one report; a file that is not a JSON object raises an error naming the path."""
     with open(path) as f:
         try:
@@ -37,7 +37,7 @@ def _bbox_slices(bbox: Sequence[Sequence[int]], shape: Sequence[int], case: str)
     return tuple(slice(lo, hi) for lo, hi in lo_hi)
 
 
-def tile_confusion(gt: np.ndarray, tiles: Iterable[dict], case: str = "?") -> Dict[str, int]:
+def tile_confusion(gt: np.ndarray, tiles: Iterable[TileReport], case: str = "?") -> Dict[str, int]:
     """Glance tile confusion counts for one case.
 
     gt: binary (z, y, x) ground truth. A tile is positive when the GT has any lesion voxel inside
@@ -58,7 +58,7 @@ def tile_confusion(gt: np.ndarray, tiles: Iterable[dict], case: str = "?") -> Di
     return counts
 
 
-def summarize_report(report: dict, gt: np.ndarray, case: str) -> Dict[str, float]:
+def summarize_report(report: CaseReport, gt: np.ndarray, case: str) -> Dict[str, float]:
     """The per-case numbers a report contributes: its scalar keys and, with tiles, tile counts."""
     if "case" in report and report["case"] != case:
         raise ValueError(f"report for case {case} says it belongs to case {report['case']!r}")

@@ -1,8 +1,6 @@
 """Per-case GF-Screen report: which tiles the Glance selected, the time per stage, predicted lesions.
 
-The JSON written by `write_case_report` is read by the evaluator (`evaluation/reports.py`):
-tile boxes are in the ORIGINAL image's array index order (as the reader returns it, SimpleITK:
-z, y, x), half-open and clipped, so they can be laid over the ground truth directly.
+Its schema is `core.case_report.CaseReport`, which the evaluator (`evaluation/reports.py`) reads back.
 """
 import math
 import os
@@ -12,6 +10,7 @@ import cc3d
 import numpy as np
 
 from nnunetv2_gfscreen.atomic import write_json
+from nnunetv2_gfscreen.core.case_report import CaseReport, LesionReport, TileReport
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import Box, SlidingWindowRecord
 
 
@@ -38,7 +37,7 @@ def tile_bbox_to_original(bbox: Box, preprocessed_shape: Sequence[int], properti
     return [transposed[a] for a in transpose_backward]
 
 
-def lesion_components(mask: np.ndarray, spacing: Sequence[float]) -> List[dict]:
+def lesion_components(mask: np.ndarray, spacing: Sequence[float]) -> List[LesionReport]:
     """26-connected components of mask > 0 (z, y, x) with voxel counts, mm^3 volumes and centroids (voxel index)."""
     if mask.ndim != 3 or len(spacing) != 3:
         raise ValueError(f"expected a 3D mask and 3 spacings, got shape {mask.shape} and spacing {spacing}")
@@ -58,7 +57,8 @@ def lesion_components(mask: np.ndarray, spacing: Sequence[float]) -> List[dict]:
 
 
 def build_case_report(case: str, records: Sequence[SlidingWindowRecord], properties: dict,
-                      transpose_backward: Sequence[int], lesions: List[dict], total_seconds: float) -> dict:
+                      transpose_backward: Sequence[int], lesions: List[LesionReport],
+                      total_seconds: float) -> CaseReport:
     """The report dict of one case from the sliding-window records of its folds.
 
     With several folds (an ensemble), a tile counts as selected if any fold selected it, its score
@@ -71,10 +71,10 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
         raise ValueError(f"case {case}: folds tiled the image differently")
     scores = np.mean([r.scores for r in records], axis=0) if first.bboxes else []
     selected = np.any([r.selected for r in records], axis=0) if first.bboxes else []
-    tiles = [{"bbox_original": tile_bbox_to_original(b, first.image_shape, properties, transpose_backward),
-              "score": float(s), "selected": bool(k)} for b, s, k in zip(first.bboxes, scores, selected)]
+    tiles = [TileReport(bbox_original=tile_bbox_to_original(b, first.image_shape, properties, transpose_backward),
+                        score=float(s), selected=bool(k)) for b, s, k in zip(first.bboxes, scores, selected)]
     n_sel = int(np.sum(selected))
-    report = {
+    report: CaseReport = {
         "case": case,
         "tiles_total": len(tiles),
         "tiles_selected": n_sel,
@@ -94,14 +94,14 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
     return report
 
 
-def write_case_report(report: dict, report_dir: str) -> str:
+def write_case_report(report: CaseReport, report_dir: str) -> str:
     """Write `<report_dir>/<case>.json` atomically; returns the path."""
     os.makedirs(report_dir, exist_ok=True)
     path = os.path.join(report_dir, f"{report['case']}.json")
     return write_json(report, path)
 
 
-def save_case_png(image: np.ndarray, mask: np.ndarray, report: dict, path: str, projection: str = "max",
+def save_case_png(image: np.ndarray, mask: np.ndarray, report: CaseReport, path: str, projection: str = "max",
                   spacing_zyx: Optional[Sequence[float]] = None) -> str:
     """The predictor's picture of a case (it knows no ground truth): max (or mean) projections of the CT
     (z, y, x) in three views with the tiles' Glance scores, the selected tiles and the predicted lesions

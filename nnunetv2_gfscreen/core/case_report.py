@@ -1,0 +1,52 @@
+"""The per-case report of a gated prediction (`<case>.json`): one schema for its writer (predictors/report.py)
+and its readers (evaluation/reports.py, evaluation/gate.py, evaluation/figures.py).
+
+Tile boxes are in the ORIGINAL image's array index order (as the image reader returns it; SimpleITK: z, y, x),
+half-open and clipped, so they can be laid over the ground truth directly.
+"""
+from typing import List, TypedDict
+
+
+class TileReport(TypedDict):
+    bbox_original: List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
+    score: float                    # Glance p(select) (mean over folds for an ensemble)
+    selected: bool                  # sent to the Focus
+
+
+class LesionReport(TypedDict):
+    voxels: int
+    volume_mm3: float
+    centroid_zyx: List[float]
+
+
+class FoldReport(TypedDict):
+    threshold: float
+    tiles_selected: int
+    glance_seconds: float
+    focus_seconds: float
+
+
+class _CaseReportRequired(TypedDict):
+    case: str
+    tiles_total: int
+    tiles_selected: int
+    selection_ratio: float
+    glance_seconds: float
+    focus_seconds: float
+    total_seconds: float
+    threshold: float
+    dense: bool
+    tiles: List[TileReport]
+    lesions: List[LesionReport]  # 26-connected components of the predicted mask, largest first
+
+
+class CaseReport(_CaseReportRequired, total=False):
+    folds: List[FoldReport]          # an ensemble's per-fold numbers
+    torch_io: bool
+    preprocess_seconds: float
+    sliding_window_seconds: float
+    export_seconds: float
+
+
+# the per-case timings and ratio the evaluator averages over cases
+SCALAR_KEYS = ("selection_ratio", "glance_seconds", "focus_seconds", "total_seconds")
