@@ -4,8 +4,9 @@ from matplotlib import colors as mcolors
 from matplotlib import image as mimage
 
 from nnunetv2_gfscreen.evaluation import figures
-from nnunetv2_gfscreen.evaluation.figures import (choose_centre, display_window, format_title, render_case_figure,
-                                                  tile_maps, title_numbers_from, _parse_tiles)
+from nnunetv2_gfscreen.evaluation.figure_data import (HU_SOFT_TISSUE_WINDOW, _parse_tiles, choose_centre,
+                                                      display_window, format_title, tile_maps, title_numbers_from)
+from nnunetv2_gfscreen.evaluation.figures import render_case_figure
 from nnunetv2_gfscreen.predictors.report import save_case_png
 
 SHAPE = (20, 48, 56)
@@ -110,7 +111,7 @@ def test_tile_maps_take_max_score_and_slice_intersection():
 
 
 def test_window_and_title():
-    assert display_window(np.array([-1000, 0, 300])) == figures.HU_SOFT_TISSUE_WINDOW
+    assert display_window(np.array([-1000, 0, 300])) == HU_SOFT_TISSUE_WINDOW
     lo, hi = display_window(np.linspace(-2, 3, 1000))
     assert -2 < lo < -1.9 and 2.9 < hi < 3
     line = format_title({"case": "x", "tiles_selected": 3, "tiles_total": 12, "n_found": 1, "n_lesions": 2,

@@ -17,7 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunetv2_gfscreen.evaluation.figures import VIEWS, render_case_figure, title_numbers_from
+from nnunetv2_gfscreen.evaluation.figure_data import title_numbers_from
+from nnunetv2_gfscreen.evaluation.figures import VIEWS, render_case_figure
 from nnunetv2_gfscreen.evaluation.lesions import aggregate_detection, lesion_detection_counts
 from nnunetv2_gfscreen.evaluation.metrics import FLARE_NSD_TOLERANCE_MM, flare_dsc_nsd
 from nnunetv2_gfscreen.evaluation.reports import aggregate_reports, load_report, summarize_report
