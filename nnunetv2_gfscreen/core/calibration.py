@@ -17,12 +17,11 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_gfscreen.core.coverage import (CONNECTIVITY, MIN_COVERED_FRACTION, CaseCoverage, case_coverage,
                                         leave_one_case_out, loco_margin, lower_by_logit, operating_curve, thin_curve,
                                         threshold_for_target)
-from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
+from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.core.tiles import score_tiles, sliding_window_slicers
 
 MAX_CURVE_POINTS = 2000
@@ -39,7 +38,7 @@ def score_cases(network: GFScreenNetwork, cases: Iterable[Tuple[torch.Tensor, np
     if len(patch_size) != 3:
         raise NotImplementedError("calibration supports 3D configurations only")
     out: List[CaseCoverage] = []
-    amp = torch.autocast(device.type, enabled=True) if device.type == 'cuda' else dummy_context()
+    amp = autocast_on_cuda(device)
     for data, seg in cases:
         data = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data, dtype=torch.float32)
         seg = np.asarray(seg)

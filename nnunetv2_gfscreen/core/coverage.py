@@ -52,6 +52,13 @@ class CaseCoverage:
                 "lesions": n_les, "lesions_covered": covered, "lesion_coverage": covered / n_les if n_les else None}
 
 
+def label_lesions(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+    """(component labels, number of lesions) of mask > 0: the one definition of "a lesion" (26-connected) used
+    by calibration, the predictor's report, the evaluation and the pictures."""
+    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=CONNECTIVITY, return_N=True)
+    return labels, int(n)
+
+
 def central_boxes(boxes: np.ndarray, image_shape: Sequence[int], tile_margin: float) -> np.ndarray:
     """Boxes (T, 3, 2) shrunk by floor(tile_margin * side) voxels at each face, except at faces on the image
     border (no tile reaches further out, so nothing could cover those voxels better)."""

@@ -6,7 +6,7 @@ buffers. In eval mode the module gates itself: the Glance scores each input tile
 tiles get all-zero logits, which nnU-Net's Gaussian blending treats as an abstention (see
 docs/nnunet_internals.md, section 5), so the stock `nnUNetv2_predict` is gated with no other change.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -95,3 +95,8 @@ def unwrap_gfscreen_network(network: torch.nn.Module) -> GFScreenNetwork:
         raise TypeError(f"GF-Screen gating needs a GFScreenNetwork (a model trained with GFScreenTrainer or a "
                         f"variant), got {type(net).__name__}")
     return net
+
+
+def autocast_on_cuda(device: torch.device):
+    """nnU-Net's mixed-precision rule: autocast on CUDA, full precision elsewhere."""
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else nullcontext()

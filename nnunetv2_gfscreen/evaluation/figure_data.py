@@ -2,8 +2,9 @@
 window, the tiles' score and selection maps per view, and the title line. Pure numpy, no matplotlib."""
 from typing import List, Optional, Sequence, Tuple
 
-import cc3d
 import numpy as np
+
+from nnunetv2_gfscreen.core.coverage import label_lesions
 
 HU_SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 
@@ -14,7 +15,7 @@ def largest_component_centre(mask: np.ndarray, spacing_zyx: Optional[Sequence[fl
     three slices through it all cut the lesion, even a curved one); None for an empty mask."""
     if mask is None:
         return None
-    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=26, return_N=True)
+    labels, n = label_lesions(mask)
     if n == 0:
         return None
     counts = np.bincount(labels.ravel(), minlength=n + 1)

@@ -5,8 +5,9 @@ A lesion is a 26-connected component of the ground truth; a predicted component 
 """
 from typing import Dict, Iterable, Optional
 
-import cc3d
 import numpy as np
+
+from nnunetv2_gfscreen.core.coverage import label_lesions
 
 
 def lesion_detection_counts(gt: np.ndarray, pred: np.ndarray) -> Dict[str, int]:
@@ -20,8 +21,8 @@ def lesion_detection_counts(gt: np.ndarray, pred: np.ndarray) -> Dict[str, int]:
     pred = np.asarray(pred).astype(bool, copy=False)
     if gt.shape != pred.shape or gt.ndim != 3:
         raise ValueError(f"gt and pred must be 3D masks of one shape, got {gt.shape} and {pred.shape}")
-    gt_labels, n_lesions = cc3d.connected_components(gt, connectivity=26, return_N=True)
-    pred_labels, n_pred = cc3d.connected_components(pred, connectivity=26, return_N=True)
+    gt_labels, n_lesions = label_lesions(gt)
+    pred_labels, n_pred = label_lesions(pred)
     found = np.unique(gt_labels[pred])
     tp = np.unique(pred_labels[gt])
     n_found = int(np.count_nonzero(found))

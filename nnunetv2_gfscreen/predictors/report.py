@@ -6,9 +6,9 @@ import math
 import os
 from typing import List, Optional, Sequence
 
-import cc3d
 import numpy as np
 
+from nnunetv2_gfscreen.core.coverage import label_lesions
 from nnunetv2_gfscreen.atomic import write_json
 from nnunetv2_gfscreen.core.case_report import CaseReport, LesionReport, TileReport
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import Box, SlidingWindowRecord
@@ -41,7 +41,7 @@ def lesion_components(mask: np.ndarray, spacing: Sequence[float]) -> List[Lesion
     """26-connected components of mask > 0 (z, y, x) with voxel counts, mm^3 volumes and centroids (voxel index)."""
     if mask.ndim != 3 or len(spacing) != 3:
         raise ValueError(f"expected a 3D mask and 3 spacings, got shape {mask.shape} and spacing {spacing}")
-    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=26, return_N=True)
+    labels, n = label_lesions(mask)
     if n == 0:
         return []
     voxel_mm3 = float(np.prod(spacing))

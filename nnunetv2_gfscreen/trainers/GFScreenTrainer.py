@@ -15,7 +15,7 @@ from typing import List, Optional, Union
 
 import numpy as np
 import torch
-from torch import autocast, nn
+from torch import nn
 
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -28,13 +28,12 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_gfscreen.atomic import torch_save
 from nnunetv2_gfscreen.core.glance import build_glance
 from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
-from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
+from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
@@ -181,7 +180,7 @@ class GFScreenTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        return autocast_on_cuda(self.device)
 
     def _lesion_masks(self, target_full: torch.Tensor):
         """(gt lesion mask, valid mask) from the full-resolution target (B, 1, *patch)."""

@@ -1,0 +1,46 @@
+"""The package layout the README describes: training and inference never import each other, and files stay
+small enough to read (over MAX_LINES only with the reason stated at the top of the file)."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "nnunetv2_gfscreen"
+MAX_LINES = 300
+WINGS = ("trainers", "predictors")
+
+
+def _imported_modules(path: Path):
+    """Every module an import statement in `path` names (also imports inside functions)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+def test_training_and_inference_do_not_import_each_other():
+    arrows = []
+    for wing in WINGS:
+        other = [w for w in WINGS if w != wing][0]
+        for path in sorted((PACKAGE / wing).rglob("*.py")):
+            for module in _imported_modules(path):
+                if module.startswith(f"nnunetv2_gfscreen.{other}"):
+                    arrows.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert not arrows, arrows
+
+
+def test_core_imports_neither_wing():
+    bad = [f"{p.relative_to(PACKAGE)} imports {m}" for p in sorted((PACKAGE / "core").rglob("*.py"))
+           for m in _imported_modules(p) if m.startswith(tuple(f"nnunetv2_gfscreen.{w}" for w in WINGS))]
+    assert not bad, bad
+
+
+def test_long_files_say_why_at_the_top():
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        n = text.count("\n")
+        head = (ast.get_docstring(ast.parse(text)) or "").lower()
+        if n > MAX_LINES and "longer than" not in head:
+            unexplained.append(f"{path.relative_to(PACKAGE)}: {n} lines")
+    assert not unexplained, unexplained
