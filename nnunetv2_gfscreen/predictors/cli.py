@@ -11,6 +11,7 @@ naming every bad case.
 import inspect
 import multiprocessing
 import os
+import re
 import time
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -95,6 +96,23 @@ def _export_stage(predictor: GFScreenPredictor, state: _CaseState, report_dir: s
     return report
 
 
+def remove_stale_partials(folders: Sequence[str], cases: Sequence[str]) -> List[str]:
+    """Delete the temporary files that a killed earlier run left for `cases` (outputs are written under
+    `<case>.partial<pid>...`, `.<case>.partial<pid>...` or `<case>.json.partial<pid>` and renamed when complete),
+    so that a rerun (--continue_prediction) leaves no partial file behind. Returns the removed paths."""
+    pattern = re.compile(r"^\.?(?P<case>.+?)(\.json)?\.partial\d+")
+    wanted, removed = set(cases), []
+    for folder in folders:
+        if not isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            match = pattern.match(name)
+            if match and match.group("case") in wanted:
+                os.remove(join(folder, name))
+                removed.append(join(folder, name))
+    return removed
+
+
 def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folder: str,
                    report_dir: Optional[str] = None, png: bool = False, save_probabilities: bool = False,
                    overwrite: bool = True, num_parts: int = 1, part_id: int = 0,
@@ -130,6 +148,7 @@ def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folde
 
     lists, truncated, _ = predictor._manage_input_and_output_lists(input_folder, output_folder, None, overwrite,
                                                                     part_id, num_parts, save_probabilities)
+    remove_stale_partials([output_folder, report_dir], [os.path.basename(t) for t in truncated])
     states = [_CaseState(os.path.basename(t), files, t) for files, t in zip(lists, truncated)]
     # nnU-Net's export sets torch's (process-wide) thread count; keep it where the sliding window has it
     export_threads = torch.get_num_threads()

@@ -37,6 +37,8 @@ from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_rewa
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
+from nnunetv2_gfscreen.trainers.checkpointing import save_checkpoint_atomically
+from nnunetv2_gfscreen.trainers.final_validation import gated_final_validation, write_gate_figures
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
@@ -66,6 +68,9 @@ class GFScreenTrainer(nnUNetTrainer):
         self.policy_glance: Optional[nn.Module] = None       # the Glance that GRL trains
         self.reference_glance: Optional[nn.Module] = None    # pi_ref, refreshed from the policy every epoch
         self.glance_ema_updates = 0
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long)  # per epoch, on the device (train_step)
+        # which checkpoint the live weights are (load_checkpoint, on_train_end): its calibration is the one fitted
+        self.weights_checkpoint = "checkpoint_final.pth"
 
     def _refuse_unsupported_modes(self):
         if self.reward_kind not in REWARDS or self.glance_objective not in GLANCE_OBJECTIVES:
@@ -219,11 +224,12 @@ class GFScreenTrainer(nnUNetTrainer):
             ce = nn.functional.binary_cross_entropy_with_logits(glance_logits, lesion)
             return {"grl_clip": zero, "grl_kl": zero, "grl_ce": ce, "grl_losses": ce}
         if self.glance_objective == "balanced_ce":
-            ce = balanced_bce(glance_logits, lesion)
+            ce = balanced_bce(glance_logits, lesion, check_values=False)
             return {"grl_clip": zero, "grl_kl": zero, "grl_ce": ce, "grl_losses": ce}
         alpha = self.gfscreen.alpha if self.use_alpha_ce else 0.0
         terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
-                         beta=self.gfscreen.beta, alpha=alpha, dual_clip=self.gfscreen.dual_clip or None)
+                         beta=self.gfscreen.beta, alpha=alpha, dual_clip=self.gfscreen.dual_clip or None,
+                         check_values=False)  # no host sync; a non-finite loss is skipped below
         return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
 
     def _to_device(self, data: torch.Tensor, target):
@@ -263,6 +269,9 @@ class GFScreenTrainer(nnUNetTrainer):
         loss = seg_loss + glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
 
         optimizers = (self.optimizer, self.glance_optimizer)
+        # a non-finite loss (fp16 overflow of a logit) is not an error: the GradScaler skips the steps of the
+        # optimisers whose gradients are not finite, as in nnU-Net; counted on the device, logged per epoch
+        self.nonfinite_steps += ~torch.isfinite(loss.detach())
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             for opt in optimizers:
@@ -272,7 +281,7 @@ class GFScreenTrainer(nnUNetTrainer):
             for opt in optimizers:
                 self.grad_scaler.step(opt)
             self.grad_scaler.update()
-        else:
+        elif torch.isfinite(loss):  # no scaler: CPU/MPS, where reading the value is no device synchronisation
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.focus.parameters(), 12)
             torch.nn.utils.clip_grad_norm_(self.policy_glance.parameters(), 12)
@@ -280,14 +289,15 @@ class GFScreenTrainer(nnUNetTrainer):
                 opt.step()
         self.update_glance_average()
         selected = torch.sigmoid(glance_logits.detach().double()) > net.threshold
-        out = {"loss": loss.detach().cpu().numpy(), "seg_losses": seg_loss.detach().cpu().numpy(),
-               "glance_dense": dense_loss.detach().cpu().numpy(),
-               "mean_reward": rewards.mean().cpu().numpy(), "selection_ratio": selected.float().mean().cpu().numpy()}
-        out.update({k: v.detach().cpu().numpy() for k, v in glance_terms.items()})
-        return out
+        values = {"loss": loss, "seg_losses": seg_loss, "glance_dense": dense_loss, "mean_reward": rewards.mean(),
+                  "selection_ratio": selected.float().mean(), **glance_terms}
+        # one transfer to the host for all of them (nnU-Net's own step reads its loss once, too)
+        host = torch.stack([v.detach().float().reshape(()) for v in values.values()]).cpu().numpy()
+        return {k: np.array(v) for k, v in zip(values, host)}
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self.device)
         lr = cosine_lr(self.gfscreen.glance_lr, self.current_epoch, self.num_epochs)
         for group in self.glance_optimizer.param_groups:
             group["lr"] = lr
@@ -296,9 +306,16 @@ class GFScreenTrainer(nnUNetTrainer):
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
+        skipped = int(self.nonfinite_steps)  # the epoch's one read of the counter
+        if skipped:
+            self.print_to_log_file(f"{skipped} of {len(train_outputs)} training steps had a non-finite loss (fp16 "
+                                   f"overflow?): optimiser steps with non-finite gradients were skipped (GradScaler; "
+                                   f"without one, the whole step); the epoch's means leave those values out")
         for key in ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "glance_dense", "mean_reward",
                     "selection_ratio"):
-            self.logger.log(key, float(np.mean(outputs[key])), self.current_epoch)
+            values = np.asarray(outputs[key], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            self.logger.log(key, float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self):
@@ -334,40 +351,41 @@ class GFScreenTrainer(nnUNetTrainer):
                                f"specificity {get('glance_specificity')}")
         super().on_epoch_end()
 
+    def on_train_end(self):
+        super().on_train_end()
+        self.weights_checkpoint = "checkpoint_final.pth"  # the live weights are the final ones now
+
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """Calibrate the gate on the validation cases first (the all-cases threshold goes into the network and
-        the checkpoints), then run nnU-Net's final validation with each case's leave-one-case-out threshold
-        (fitted on the other validation cases), so no case is gated at a threshold tuned on itself."""
+        """nnU-Net's final validation, predicted the way `nnUNetv2_predict_gfscreen` predicts (the gated sliding
+        window, final_validation.py) after calibrating the gate on the validation cases (the all-cases
+        threshold goes into the network and the loaded checkpoint: checkpoint_best.pth with --val_best); each
+        case is predicted at its leave-one-case-out threshold (fitted on the other validation cases), so no case
+        is gated at a threshold tuned on itself. Writes nnU-Net's validation/summary.json and gfscreen_gate.json."""
         if self.local_rank != 0:
             return super().perform_actual_validation(save_probabilities)
-        result = calibrate_trainer(self)
-        with loco_thresholds_during_validation(self, result):
+        result = calibrate_trainer(self, checkpoint_name=self.weights_checkpoint)
+        with loco_thresholds_during_validation(self, result), gated_final_validation(self) as cases:
             super().perform_actual_validation(save_probabilities)
+        write_gate_figures(self, cases, self.weights_checkpoint)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint (Focus + Glance in `network_weights`) plus the Glance optimiser and pi_ref.
-
-        nnU-Net writes its dict in one go with no extension hook, so we add our entry afterwards and
-        replace the file atomically (a crash leaves either the old or the complete new file).
-        """
-        super().save_checkpoint(filename)
+        """nnU-Net's checkpoint (Focus + Glance in `network_weights`) plus the Glance optimiser and pi_ref,
+        written atomically (checkpointing.py): a kill leaves either the old or the complete new file."""
         if self.local_rank != 0 or self.disable_checkpointing:
-            return
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint["gfscreen"] = {
+            return super().save_checkpoint(filename)
+        save_checkpoint_atomically(filename, super().save_checkpoint, {
             "glance_optimizer_state": self.glance_optimizer.state_dict(),
             "policy_glance": self.policy_glance.state_dict(),
             "glance_ema_updates": self.glance_ema_updates,
             "reference_glance": self.reference_glance.state_dict(),
             "settings": self.gfscreen.to_dict(),
-        }
-        tmp = filename + ".tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        })
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            self.weights_checkpoint = os.path.basename(filename_or_checkpoint)
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
         extra = checkpoint.get("gfscreen")
