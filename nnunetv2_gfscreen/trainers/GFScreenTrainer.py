@@ -6,9 +6,10 @@ predicts without gradient; a binary detection reward per tile; group-relative ad
 loss (clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced
 CE) plus the Glance's dense lesion-map loss; L = L_seg + L_GRL + w * L_dense. The Glance that
 trains (the policy) is averaged (EMA) into the network's Glance, which is what validation,
-calibration and inference use (glance_training.py says why). Everything else (plans, data, augmentation, schedule, logging, checkpoint
-layout, final validation) is nnU-Net's. Why the Focus batch is not taken from the group:
-group_sampling.py.
+calibration and inference use (glance_training.py says why). Everything else (plans, data,
+augmentation, schedule, logging, checkpoint layout, final validation) is nnU-Net's; the final
+validation predicts with the gated sliding window of nnUNetv2_predict_gfscreen (final_validation.py).
+Why the Focus batch is not taken from the group: group_sampling.py.
 """
 import os
 from copy import deepcopy
@@ -18,17 +19,10 @@ import numpy as np
 import torch
 from torch import autocast, nn
 
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
@@ -37,11 +31,11 @@ from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_rewa
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
-from nnunetv2_gfscreen.trainers.checkpointing import save_checkpoint_atomically
+from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
+from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_transforms
 from nnunetv2_gfscreen.trainers.final_validation import gated_final_validation, write_gate_figures
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
-from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 
 REWARDS = {"binary": detection_reward, "dice": dice_reward}
@@ -140,56 +134,13 @@ class GFScreenTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):
-        """nnU-Net's loaders, except that training batches are groups of sub-volumes per CT.
-
-        nnU-Net hard-codes `nnUNetDataLoader` inside `get_dataloaders`, so the construction is
-        repeated here with the group loader for training; transforms and augmenters are nnU-Net's.
-        """
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        patch_size = self.configuration_manager.patch_size
-        deep_supervision_scales = self._get_deep_supervision_scales()
-        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
-        tr_transforms = self.get_training_transforms(
-            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
-            foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
-        val_transforms = self.get_validation_transforms(
-            deep_supervision_scales, is_cascaded=self.is_cascaded,
-            foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                                self.oversample_foreground_percent, self.gfscreen.group_size,
-                                self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
-                                group_transforms=self.get_group_transforms(mirror_axes),
-                                probabilistic_oversampling=self.probabilistic_oversampling,
-                                tile_step_size=self.gfscreen.tile_step_size)
-        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
-                                  oversample_foreground_percent=self.oversample_foreground_percent,
-                                  transforms=val_transforms,
-                                  probabilistic_oversampling=self.probabilistic_oversampling)
-        n_proc = get_allowed_n_proc_DA()
-        if n_proc == 0:
-            mt_gen_train, mt_gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
-        else:
-            pin = self.device.type == "cuda"
-            mt_gen_train = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002)
-            mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None,
-                                                      pin, 0.002)
-        _ = next(mt_gen_train)
-        _ = next(mt_gen_val)
-        return mt_gen_train, mt_gen_val
+        """nnU-Net's loaders, except that training batches are groups of sub-volumes per CT (dataloaders.py)."""
+        return build_dataloaders(self)
 
     @staticmethod
     def get_group_transforms(mirror_axes) -> ComposeTransforms:
-        """Transforms of the GRL group's sub-volumes: mirroring (if the trainer mirrors) and nnU-Net's clean-up of
-        the padding label; no intensity or spatial augmentation, so they look like the tiles seen at inference."""
-        mirror = [MirrorTransform(allowed_axes=mirror_axes)] if mirror_axes else []
-        return ComposeTransforms(mirror + [RemoveLabelTansform(-1, 0)])
+        """Transforms of the GRL group's sub-volumes (dataloaders.group_transforms)."""
+        return group_transforms(mirror_axes)
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
@@ -374,13 +325,7 @@ class GFScreenTrainer(nnUNetTrainer):
         written atomically (checkpointing.py): a kill leaves either the old or the complete new file."""
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
-        save_checkpoint_atomically(filename, super().save_checkpoint, {
-            "glance_optimizer_state": self.glance_optimizer.state_dict(),
-            "policy_glance": self.policy_glance.state_dict(),
-            "glance_ema_updates": self.glance_ema_updates,
-            "reference_glance": self.reference_glance.state_dict(),
-            "settings": self.gfscreen.to_dict(),
-        })
+        save_checkpoint_atomically(filename, super().save_checkpoint, training_state(self))
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)
@@ -388,14 +333,4 @@ class GFScreenTrainer(nnUNetTrainer):
             self.weights_checkpoint = os.path.basename(filename_or_checkpoint)
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        extra = checkpoint.get("gfscreen")
-        if extra is None or "policy_glance" not in extra:
-            self.print_to_log_file("checkpoint has no GF-Screen training state: the policy Glance starts from the "
-                                   "checkpoint's Glance, its optimiser and reference fresh")
-            self.policy_glance.load_state_dict(self._gfscreen_network().glance.state_dict())
-            self.refresh_reference_glance()
-            return
-        self.policy_glance.load_state_dict(extra["policy_glance"])
-        self.glance_optimizer.load_state_dict(extra["glance_optimizer_state"])
-        self.reference_glance.load_state_dict(extra["reference_glance"])
-        self.glance_ema_updates = int(extra.get("glance_ema_updates", 0))
+        restore_training_state(self, checkpoint)

@@ -24,3 +24,31 @@ def save_checkpoint_atomically(filename: str, nnunet_save: Callable[[str], None]
     checkpoint["gfscreen"] = gfscreen_entry
     torch.save(checkpoint, tmp)
     os.replace(tmp, filename)
+
+
+def training_state(trainer) -> dict:
+    """The GF-Screen entry of a checkpoint: what `--c` needs beyond nnU-Net's dict (the network's Glance, the
+    averaged one, is in `network_weights`)."""
+    return {
+        "glance_optimizer_state": trainer.glance_optimizer.state_dict(),
+        "policy_glance": trainer.policy_glance.state_dict(),
+        "glance_ema_updates": trainer.glance_ema_updates,
+        "reference_glance": trainer.reference_glance.state_dict(),
+        "settings": trainer.gfscreen.to_dict(),
+    }
+
+
+def restore_training_state(trainer, checkpoint: dict) -> None:
+    """Policy Glance, its optimiser, the reference Glance and the EMA counter from `checkpoint['gfscreen']`; a
+    checkpoint without the entry (e.g. nnU-Net's pretrained weights) starts them from its Glance."""
+    extra = checkpoint.get("gfscreen")
+    if extra is None or "policy_glance" not in extra:
+        trainer.print_to_log_file("checkpoint has no GF-Screen training state: the policy Glance starts from the "
+                                  "checkpoint's Glance, its optimiser and reference fresh")
+        trainer.policy_glance.load_state_dict(trainer._gfscreen_network().glance.state_dict())
+        trainer.refresh_reference_glance()
+        return
+    trainer.policy_glance.load_state_dict(extra["policy_glance"])
+    trainer.glance_optimizer.load_state_dict(extra["glance_optimizer_state"])
+    trainer.reference_glance.load_state_dict(extra["reference_glance"])
+    trainer.glance_ema_updates = int(extra.get("glance_ema_updates", 0))
