@@ -1,4 +1,4 @@
-"""End to end through the stock nnU-Net CLI: train the short GF-Screen variant on the CPU, then resume.
+"""End to end through the stock nnU-Net CLI: train the short GF-Screen variant on the CPU (crashing twice), resume.
 
 No `nnUNet_extTrainer` is set in the environment of these commands: the install's .pth must provide it.
 """
@@ -6,59 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.nnunet_fixtures import CONFIG, DATASET_ID, run_cli, training_env
-
-TRAINER = "GFScreenTrainer_Tiny"
-
-
-def _fold(root):
-    results = root / "results"
-    return next(results.glob(f"Dataset{DATASET_ID}_*")) / f"{TRAINER}__nnUNetPlans__{CONFIG}" / "fold_0"
-
-
-def _train_until_first_checkpoint_then_kill(env, fold_of, timeout=600):
-    """Start training and kill it (SIGKILL, like a crash) once epoch 0's complete checkpoint exists."""
-    exe = Path(sys.executable).parent / "nnUNetv2_train"
-    proc = subprocess.Popen([str(exe), str(DATASET_ID), CONFIG, "0", "-tr", TRAINER, "-device", "cpu"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                latest = fold_of() / "checkpoint_latest.pth"
-                if latest.is_file() and "gfscreen" in _load(latest):
-                    break
-            except (StopIteration, EOFError, RuntimeError, OSError):
-                pass
-            time.sleep(0.2)
-        assert proc.poll() is None, "training ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
-    finally:
-        proc.kill()
-        out = proc.communicate()[0]
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained_fold(planned_dataset):
-    env = training_env(planned_dataset["env"])
-    fold_of = lambda: _fold(planned_dataset["root"])
-    first = _train_until_first_checkpoint_then_kill(env, fold_of)
-    fold = fold_of()
-    interrupted = _load(fold / "checkpoint_latest.pth")
-    assert not (fold / "checkpoint_final.pth").exists()
-    proc = run_cli(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
-    return {**planned_dataset, "fold": fold, "stdout": first + proc.stdout, "env": env, "interrupted": interrupted}
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+from tests.e2e_training import TRAINER, load as _load
+from tests.nnunet_fixtures import CONFIG
 
 
 def test_training_writes_glance_into_nnunet_checkpoint(trained_fold):
@@ -85,6 +39,19 @@ def test_training_writes_glance_into_nnunet_checkpoint(trained_fold):
 def test_found_without_environment_variable(trained_fold):
     assert "nnUNet_extTrainer" not in trained_fold["env"]
     assert "Using trainer 'GFScreenTrainer_Tiny'" in trained_fold["stdout"]
+
+
+def test_sigkill_mid_epoch_and_mid_checkpoint_write_then_continue_restores_everything(trained_fold):
+    # the kill during checkpoint_final.pth's write left only a partial temporary file: --c must not pick a
+    # truncated final checkpoint, and resumes from the intact checkpoint_latest.pth (epoch 0 done)
+    assert trained_fold["after_second"] == {"final": False, "partial": ["checkpoint_final.pth.partial"],
+                                            "latest_epoch": 1}
+    restored = trained_fold["restored"]
+    assert restored == {"focus_and_glance": True, "policy_glance": True, "reference_glance": True,
+                        "focus_optimizer": True, "glance_optimizer": True, "epoch": 1}
+    fold = trained_fold["fold"]
+    assert not list(fold.glob("*.partial*")) and not (fold / "checkpoint_latest.pth").exists()
+    assert _load(fold / "checkpoint_final.pth")["current_epoch"] == 2
 
 
 def test_continue_training_restores_glance_state(trained_fold):

@@ -90,7 +90,8 @@ def dice_reward(pred_fg: Tensor, gt_fg: Tensor, valid: Optional[Tensor] = None) 
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.zeros_like(total))
 
 
-def group_relative_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+def group_relative_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6,
+                              check_values: bool = True) -> Tensor:
     """GRPO advantage ``A_i = (r_i - mean_g(r)) / std_g(r)`` within the group ``g`` of tile ``i``.
 
     The group (all tiles cropped from one CT) replaces a value network as the baseline. ``std`` is
@@ -103,6 +104,7 @@ def group_relative_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1
         rewards: float (B,).
         group_ids: integer (B,), any values; equal ids form a group.
         eps: std threshold below which a group's advantages are zero.
+        check_values: raise for non-finite rewards (reads the values: a host synchronisation on a GPU).
 
     Returns:
         float (B,), no gradient.
@@ -112,16 +114,16 @@ def group_relative_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1
         raise TypeError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    _check_finite(rewards=rewards)
+    if check_values:
+        _check_finite(rewards=rewards)
     rewards = rewards.detach().float()
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    counts = torch.zeros(n_groups, device=rewards.device).index_add_(0, inverse, torch.ones_like(rewards))
-    sums = torch.zeros(n_groups, device=rewards.device).index_add_(0, inverse, rewards)
-    mean = (sums / counts)[inverse]
+    # (B, B) same-group matrix instead of torch.unique: no data-dependent size, so no host synchronisation
+    same = (group_ids[:, None] == group_ids[None, :]).float()
+    counts = same.sum(1)
+    mean = same @ rewards / counts
     centred = rewards - mean
-    var = torch.zeros(n_groups, device=rewards.device).index_add_(0, inverse, centred ** 2) / counts
-    std = var.sqrt()[inverse]
+    var = (same * (rewards[None, :] - mean[:, None]) ** 2).sum(1) / counts
+    std = var.sqrt()
     flat = std < eps
     return torch.where(flat, torch.zeros_like(centred), centred / torch.where(flat, torch.ones_like(std), std))
 
@@ -184,7 +186,7 @@ def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     return (torch.exp(log_q) - log_q - 1).mean()
 
 
-def balanced_bce(logits: Tensor, labels: Tensor) -> Tensor:
+def balanced_bce(logits: Tensor, labels: Tensor, check_values: bool = True) -> Tensor:
     """Class-balanced binary cross-entropy ``0.5 mean_pos(CE) + 0.5 mean_neg(CE)``.
 
     Lesion tiles are rare; weighting both classes equally keeps the auxiliary CE from collapsing the
@@ -193,6 +195,7 @@ def balanced_bce(logits: Tensor, labels: Tensor) -> Tensor:
     Args:
         logits: float (B,), select logits.
         labels: (B,) of 0/1 (bool, integer or float), 1 = the tile holds lesion voxels.
+        check_values: raise for labels other than 0/1 (reads the values: a host synchronisation on a GPU).
 
     Returns:
         scalar.
@@ -201,13 +204,14 @@ def balanced_bce(logits: Tensor, labels: Tensor) -> Tensor:
     if logits.numel() == 0:
         raise ValueError("balanced_bce needs at least one sample, got an empty batch")
     labels = labels.to(logits.dtype)
-    if not bool(((labels == 0) | (labels == 1)).all()):
+    if check_values and not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError(f"labels must be 0 or 1, got {labels.detach().cpu().tolist()}")
     ce = F.binary_cross_entropy_with_logits(logits, labels, reduction='none')
     pos = labels == 1
-    if bool(pos.all()) or not bool(pos.any()):
-        return ce.mean()
-    return 0.5 * ce[pos].mean() + 0.5 * ce[~pos].mean()
+    # written without branching on values (no host synchronisation)
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    balanced = 0.5 * (ce * pos).sum() / n_pos.clamp_min(1) + 0.5 * (ce * ~pos).sum() / n_neg.clamp_min(1)
+    return torch.where((n_pos == 0) | (n_neg == 0), ce.mean(), balanced)
 
 
 @dataclass
@@ -221,7 +225,7 @@ class GRLTerms:
 
 def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_labels: Tensor,
              group_ids: Tensor, clip_eps: float = 0.1, beta: float = 0.01, alpha: float = 0.1,
-             dual_clip: Optional[float] = 3.0) -> GRLTerms:
+             dual_clip: Optional[float] = 3.0, check_values: bool = True) -> GRLTerms:
     """GRL objective of the Glance: ``L = L_clip + beta * KL_k3 + alpha * balanced_CE``.
 
     ``logp = logsigmoid(glance_logits)`` and ``logp_ref = logsigmoid(ref_logits)`` (detached) are
@@ -237,6 +241,9 @@ def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_
         group_ids: integer (B,), the CT each tile was cropped from.
         clip_eps, beta, alpha: clip range and the weights of the KL and CE terms.
         dual_clip: cap on the ratio for negative advantages (see ``clipped_surrogate``); None: plain PPO clip.
+        check_values: raise ValueError for NaN/inf logits or rewards and non-0/1 labels. Reading values is a
+            host synchronisation on a GPU; the trainer passes False, and a non-finite logit (fp16 overflow)
+            then gives a non-finite loss whose step the GradScaler skips, as nnU-Net's own steps are skipped.
 
     Returns:
         GRLTerms with the *unweighted* ``clip``, ``kl``, ``ce`` and the weighted ``total``.
@@ -247,15 +254,16 @@ def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_
         raise ValueError(f"beta must be >= 0, got {beta}")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    _check_finite(glance_logits=glance_logits.detach(), ref_logits=ref_logits.detach(), rewards=rewards)
+    if check_values:
+        _check_finite(glance_logits=glance_logits.detach(), ref_logits=ref_logits.detach(), rewards=rewards)
     logp = F.logsigmoid(glance_logits)
     logp_ref = F.logsigmoid(ref_logits).detach()
-    advantages = group_relative_advantages(rewards, group_ids)
+    advantages = group_relative_advantages(rewards, group_ids, check_values=check_values)
     clip = clipped_surrogate(logp, logp_ref, advantages, clip_eps, dual_clip)
     kl = kl_k3(logp, logp_ref)
     total = clip + beta * kl
     if alpha > 0:
-        ce = balanced_bce(glance_logits, lesion_labels)
+        ce = balanced_bce(glance_logits, lesion_labels, check_values=check_values)
         total = total + alpha * ce
     else:
         ce = torch.zeros((), dtype=total.dtype, device=total.device)

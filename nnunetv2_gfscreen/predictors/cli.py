@@ -8,7 +8,6 @@ preprocessing and export run with torch on the GPU. A case with bad input (unrea
 count, NaN/inf) writes nothing; the other cases are still predicted and the command fails at the end
 naming every bad case.
 """
-import argparse
 import inspect
 import multiprocessing
 import os
@@ -26,10 +25,11 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.helpers import empty_cache
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from nnunetv2_gfscreen.atomic import stale_partials
 from nnunetv2_gfscreen.core.coverage import choose_threshold, curve_at
 from nnunetv2_gfscreen.core.calibration_store import load_calibration
-from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, TORCH_IO_MODES, \
-    selected_tiles_bbox
+from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, selected_tiles_bbox
+from nnunetv2_gfscreen.predictors.cli_args import build_parser
 from nnunetv2_gfscreen.predictors.pipeline import run_pipeline
 from nnunetv2_gfscreen.predictors.report import build_case_report, lesion_components, save_case_png, \
     write_case_report
@@ -97,6 +97,19 @@ def _export_stage(predictor: GFScreenPredictor, state: _CaseState, report_dir: s
     return report
 
 
+def remove_stale_partials(folders: Sequence[str], cases: Sequence[str]) -> List[str]:
+    """Delete the temporary files (`atomic.partial_name`) that a killed earlier run left for `cases`' outputs
+    (mask, probabilities, report, picture), so that a rerun (--continue_prediction) leaves no partial file behind.
+    Returns the removed paths."""
+    wanted, removed = set(cases), []
+    for folder in folders:
+        for path, target in stale_partials(folder):
+            if target in wanted or any(target.startswith(c + ".") for c in wanted):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folder: str,
                    report_dir: Optional[str] = None, png: bool = False, save_probabilities: bool = False,
                    overwrite: bool = True, num_parts: int = 1, part_id: int = 0,
@@ -132,6 +145,7 @@ def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folde
 
     lists, truncated, _ = predictor._manage_input_and_output_lists(input_folder, output_folder, None, overwrite,
                                                                     part_id, num_parts, save_probabilities)
+    remove_stale_partials([output_folder, report_dir], [os.path.basename(t) for t in truncated])
     states = [_CaseState(os.path.basename(t), files, t) for files, t in zip(lists, truncated)]
     # nnU-Net's export sets torch's (process-wide) thread count; keep it where the sliding window has it
     export_threads = torch.get_num_threads()
@@ -171,75 +185,6 @@ def predict_case(predictor: GFScreenPredictor, image_files: List[str], output_fi
     state = _CaseState(os.path.basename(output_file_truncated), list(image_files), output_file_truncated)
     state = _predict_stage(predictor, _preprocess_stage(predictor, state))
     return _export_stage(predictor, state, report_dir, png, save_probabilities, torch.get_num_threads())
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='nnU-Net inference with GF-Screen Glance gating: the Focus network only '
-                                            'segments the tiles the Glance selects. Takes every argument of '
-                                            'nnUNetv2_predict, plus the gating options at the end.')
-    p.add_argument('-i', type=str, required=True,
-                   help='Input folder with <case>_XXXX<file ending> images (channel numbering as in training).')
-    p.add_argument('-o', type=str, required=True, help='Output folder (created if missing); masks are <case><file ending>.')
-    p.add_argument('-d', type=str, required=True, help='Dataset name or ID to predict with.')
-    p.add_argument('-p', type=str, required=False, default='nnUNetPlans', help='Plans identifier. Default: nnUNetPlans')
-    p.add_argument('-tr', type=str, required=False, default='GFScreenTrainer',
-                   help='Trainer used for training. Default: GFScreenTrainer')
-    p.add_argument('-c', type=str, required=True, help='Configuration, e.g. 3d_fullres.')
-    p.add_argument('-f', nargs='+', type=str, required=False, default=(0, 1, 2, 3, 4),
-                   help='Folds to ensemble. Default: (0, 1, 2, 3, 4)')
-    p.add_argument('-step_size', type=float, required=False, default=0.5,
-                   help='Sliding-window step size as a fraction of the patch size (<= 1). Default: 0.5')
-    p.add_argument('--disable_tta', action='store_true', required=False, default=False,
-                   help='Disable mirroring test-time augmentation (of the selected tiles).')
-    p.add_argument('--verbose', action='store_true', help='Print more.')
-    p.add_argument('--save_probabilities', action='store_true',
-                   help='Also write class probabilities (.npz/.pkl). Unselected voxels get uniform probabilities. '
-                        "Exports with nnU-Net's CPU export (whole volume), also when --torch_io is on.")
-    p.add_argument('--continue_prediction', action='store_true',
-                   help='Skip cases whose output already exists.')
-    p.add_argument('-chk', type=str, required=False, default='checkpoint_final.pth',
-                   help='Checkpoint file name. Default: checkpoint_final.pth')
-    p.add_argument('-npp', type=int, required=False, default=3,
-                   help='Background workers (threads) reading and preprocessing the next cases while the current '
-                        'one is predicted; 0: in turn. Default: 3')
-    p.add_argument('-nps', type=int, required=False, default=3,
-                   help='Background workers (threads) exporting and writing predicted cases while the next one is '
-                        'predicted; 0: in turn. Default: 3')
-    p.add_argument('-prev_stage_predictions', type=str, required=False, default=None,
-                   help='Cascades are not supported by GF-Screen; accepted for compatibility only.')
-    p.add_argument('-num_parts', type=int, required=False, default=1,
-                   help='Number of separate calls that split the cases. Default: 1')
-    p.add_argument('-part_id', type=int, required=False, default=0,
-                   help='Which part this call predicts (0 .. num_parts - 1). Default: 0')
-    p.add_argument('-device', type=str, default='cuda', required=False,
-                   help="'cuda', 'cpu' or 'mps'. Select the GPU with CUDA_VISIBLE_DEVICES.")
-    p.add_argument('--disable_progress_bar', action='store_true', required=False, default=False,
-                   help='Disable progress bars.')
-    p.add_argument('--not_on_device', action='store_true', required=False, default=False,
-                   help='Keep the result arrays in CPU memory (large cases).')
-    p.add_argument('--torch_io', type=str, choices=TORCH_IO_MODES, default='auto',
-                   help="Preprocessing and export with torch on the device (nnU-Net's operations, reproduced; the "
-                        "export only resamples the box of the selected tiles): 'on', 'off' (nnU-Net's CPU "
-                        "functions), or 'auto' (on for -device cuda). Falls back to the CPU per case when GPU "
-                        "memory runs out. Default: auto")
-    gate = p.add_argument_group('GF-Screen gating')
-    gate.add_argument('--threshold', type=float, default=None,
-                      help="Gate threshold on p(select) for all folds, instead of each fold's stored one.")
-    gate.add_argument('--target_sensitivity', type=float, default=None,
-                      help="Choose each fold's threshold from its stored calibration curve: the highest whose "
-                           "lesion-level sensitivity (share of validation lesions with >= 90%% of their voxels in "
-                           "selected tiles) is >= this.")
-    gate.add_argument('--max_selection', type=float, default=None,
-                      help="Choose each fold's threshold from its stored calibration curve: the lowest whose "
-                           "selection ratio (share of tiles sent to the Focus) is <= this. With "
-                           "--target_sensitivity: that target's threshold, raised if needed to stay within this.")
-    gate.add_argument('--dense', action='store_true', help='Run every tile through the Focus (comparison mode).')
-    gate.add_argument('--tile_batch_size', type=int, default=4, help='Tiles per Focus forward pass. Default: 4')
-    gate.add_argument('--report_dir', type=str, default=None,
-                      help='Folder for <case>.json reports. Default: <output folder>/gfscreen_reports')
-    gate.add_argument('--png', action='store_true',
-                      help='Also write <case>.png: CT max projection with selected tiles and predicted lesions.')
-    return p
 
 
 def thresholds_from_calibration(model_folder: str, folds: Sequence, checkpoint_name: str,
@@ -284,7 +229,7 @@ def predict_gfscreen_entry_point() -> None:
 
 def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
     """The command with `argv` (default: sys.argv[1:]); returns the per-case reports."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     folds = [i if i == 'all' else int(i) for i in args.f]
     if not 0 <= args.part_id < args.num_parts:
         raise ValueError(f"-part_id must be in [0, {args.num_parts - 1}], got {args.part_id}")

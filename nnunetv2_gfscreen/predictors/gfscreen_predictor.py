@@ -1,9 +1,9 @@
 """GFScreenPredictor: nnU-Net's predictor with a Glance-gated sliding window.
 
-Only the sliding-window step differs from `nnUNetPredictor`: the Glance scores every tile first
-(batched, no mirroring, so a tile's decision never depends on a flip), then the Focus segments
-only the selected tiles (batched), with nnU-Net's Gaussian blending and mirroring TTA on those
-alone. Voxels that no selected tile covers get logits 0 (background after argmax), never 0/0.
+Only the sliding-window step differs from `nnUNetPredictor`; it lives in core/gated_window.py
+(`GatedSlidingWindowMixin`), which the trainer's final validation runs too: the Glance scores every
+tile first (batched, no mirroring), then the Focus segments only the selected tiles (batched), with
+nnU-Net's Gaussian blending and mirroring TTA on those alone.
 
 Reading/preprocessing (`preprocess_case`) and export (`export_case`) are separate methods. With
 `torch_io` on (the default on CUDA) they run nnU-Net's preprocessing and export with torch on the
@@ -11,8 +11,6 @@ predictor's device (`torch_preprocessing`, `torch_export`), and the export resam
 the selected tiles; otherwise they call nnU-Net's own CPU functions.
 """
 import os
-import time
-from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,40 +18,17 @@ import torch
 
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from nnunetv2.utilities.helpers import empty_cache
 
-from nnunetv2_gfscreen.core.network import GFScreenNetwork, select_tiles, unwrap_gfscreen_network
-from nnunetv2_gfscreen.core.tiles import score_tiles
+from nnunetv2_gfscreen.atomic import partial_name
+from nnunetv2_gfscreen.core.gated_window import Box, GatedSlidingWindowMixin, SlidingWindowRecord  # noqa: F401
 from nnunetv2_gfscreen.torch_io.export import export_logits_torch
 from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
 
-Box = List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
 TORCH_IO_MODES = ('auto', 'on', 'off')
 
 
 class CaseInputError(ValueError):
     """An input case that cannot be predicted (unreadable, wrong channel count, NaN/inf values)."""
-
-
-@dataclass
-class SlidingWindowRecord:
-    """What one gated sliding window did (one case, one fold's weights).
-
-    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped.
-    """
-    image_shape: Tuple[int, ...]
-    bboxes: List[Box] = field(default_factory=list)
-    scores: List[float] = field(default_factory=list)
-    selected: List[bool] = field(default_factory=list)
-    threshold: float = float("nan")
-    dense: bool = False
-    glance_seconds: float = 0.0
-    focus_seconds: float = 0.0
-
-    @property
-    def tiles_selected(self) -> int:
-        return int(sum(self.selected))
 
 
 def nifti_nonfinite_count(path: str) -> int:
@@ -91,7 +66,7 @@ def selected_tiles_bbox(records: Sequence[SlidingWindowRecord]) -> Optional[Box]
     return [[min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)] for d in range(len(shape))]
 
 
-class GFScreenPredictor(nnUNetPredictor):
+class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
     """nnUNetPredictor whose sliding window runs the Focus on Glance-selected tiles only.
 
     threshold: overrides the network's calibrated `threshold` buffer when not None.
@@ -118,25 +93,13 @@ class GFScreenPredictor(nnUNetPredictor):
         if torch_io not in TORCH_IO_MODES:
             raise ValueError(f"torch_io must be one of {TORCH_IO_MODES}, got {torch_io!r}")
         self.torch_io = torch_io
-        self.threshold = threshold
-        self.dense = dense
-        self.tile_batch_size = tile_batch_size
-        self.glance_batch_size = glance_batch_size
-        self.records: List[SlidingWindowRecord] = []
-        self._unpadded_shape: Optional[Tuple[int, ...]] = None
+        self._init_gated_window(threshold, dense, tile_batch_size, glance_batch_size)
 
     # ------------------------------------------------------------------ configuration
-    @property
-    def gfscreen_network(self) -> GFScreenNetwork:
-        return unwrap_gfscreen_network(self.network)
-
     @property
     def use_torch_io(self) -> bool:
         """Whether preprocess_case/export_case use the torch implementations (see `torch_io`)."""
         return self.torch_io == 'on' or (self.torch_io == 'auto' and self.device.type == 'cuda')
-
-    def reset_records(self) -> None:
-        self.records = []
 
     def set_fold_thresholds(self, thresholds: Sequence[float]) -> None:
         """Write one threshold per loaded fold into its weights (`list_of_parameters[i]['threshold']`).
@@ -151,88 +114,6 @@ class GFScreenPredictor(nnUNetPredictor):
                 raise KeyError("weights have no 'threshold' buffer: not a GFScreenNetwork checkpoint")
             params["threshold"] = torch.tensor(float(t), dtype=torch.float64)
         self.gfscreen_network.threshold.fill_(float(thresholds[0]))
-
-    def _clock(self) -> float:
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    # ------------------------------------------------------------------ sliding window
-    @torch.inference_mode()
-    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's version (padding, autocast, OOM fallback); remembers the unpadded shape for the record."""
-        self.gfscreen_network  # fail early with a clear error for non-GF-Screen models
-        self._unpadded_shape = tuple(input_image.shape[1:])
-        try:
-            return super().predict_sliding_window_return_logits(input_image)
-        finally:
-            self._unpadded_shape = None
-
-    @torch.inference_mode()
-    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
-        """Gated replacement of nnU-Net's loop. data: (C, *padded shape); returns (K, *padded shape) float16 logits."""
-        if len(self.configuration_manager.patch_size) != 3:
-            raise NotImplementedError("GFScreenPredictor supports 3D configurations only (the Glance is a 3D network)")
-        net = self.gfscreen_network
-        results_device = self.device if do_on_device else torch.device('cpu')
-        predicted_logits = n_predictions = None
-        try:
-            empty_cache(self.device)
-            data = data.to(results_device)
-            threshold = float(net.threshold) if self.threshold is None else float(self.threshold)
-
-            t0 = self._clock()
-            scores = score_tiles(net, data, slicers, self.glance_batch_size, self.device)
-            t1 = self._clock()
-            selected = torch.ones(len(slicers), dtype=torch.bool) if self.dense else select_tiles(scores, threshold)
-
-            predicted_logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]),
-                                           dtype=torch.half, device=results_device)
-            n_predictions = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
-            gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
-                                        value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
-            chosen = [s for s, keep in zip(slicers, selected.tolist()) if keep]
-            with net.ungated():
-                for start in range(0, len(chosen), self.tile_batch_size):
-                    batch = chosen[start:start + self.tile_batch_size]
-                    x = torch.stack([data[s] for s in batch]).to(self.device, non_blocking=True)
-                    prediction = self._internal_maybe_mirror_and_predict(x).to(results_device)
-                    # same operations and dtypes as nnU-Net's loop, tile by tile in slicer order
-                    for tile_prediction, s in zip(prediction, batch):
-                        if self.use_gaussian:
-                            tile_prediction *= gaussian
-                        predicted_logits[s] += tile_prediction
-                        n_predictions[s[1:]] += gaussian
-            # voxels no selected tile covers: logits stay 0 (background), divide by 1 instead of 0
-            n_predictions.masked_fill_(n_predictions == 0, 1)
-            torch.div(predicted_logits, n_predictions, out=predicted_logits)
-            t2 = self._clock()
-            if torch.any(torch.isinf(predicted_logits)):
-                raise RuntimeError('Encountered inf in predicted array. Aborting... If this problem persists, '
-                                   'reduce value_scaling_factor in compute_gaussian or increase the dtype of '
-                                   'predicted_logits to fp32')
-            self.records.append(self._make_record(data.shape[1:], slicers, scores, selected, threshold,
-                                                  t1 - t0, t2 - t1))
-            return predicted_logits
-        except Exception:
-            del predicted_logits, n_predictions
-            empty_cache(self.device)
-            empty_cache(results_device)
-            raise
-
-    def _make_record(self, padded_shape, slicers, scores, selected, threshold, glance_s, focus_s):
-        unpadded = self._unpadded_shape or tuple(padded_shape)
-        # pad_nd_image centres the content: the padding below is the floor of half the difference
-        offset = [(p - u) // 2 for p, u in zip(padded_shape, unpadded)]
-        bboxes = []
-        for s in slicers:
-            spatial = s[1:]
-            bboxes.append([[int(min(max(sl.start - o, 0), u)), int(min(max(sl.stop - o, 0), u))]
-                           for sl, o, u in zip(spatial, offset, unpadded)])
-        return SlidingWindowRecord(image_shape=tuple(int(u) for u in unpadded), bboxes=bboxes,
-                                   scores=[float(v) for v in scores], selected=[bool(v) for v in selected],
-                                   threshold=threshold, dense=self.dense, glance_seconds=glance_s,
-                                   focus_seconds=focus_s)
 
     # ------------------------------------------------------------------ case I/O (overridable steps)
     def expected_num_channels(self) -> int:
@@ -308,7 +189,7 @@ class GFScreenPredictor(nnUNetPredictor):
         """nnU-Net's export_prediction_from_logits, written under a temporary name and then renamed."""
         ending = self.dataset_json['file_ending']
         folder, name = os.path.split(output_file_truncated)
-        tmp_truncated = os.path.join(folder, f".{name}.partial{os.getpid()}")
+        tmp_truncated = os.path.join(folder, partial_name(name))  # the files are .<name>.partial..{.npz,.pkl,ending}
         moves = [(tmp_truncated + '.npz', output_file_truncated + '.npz'),
                  (tmp_truncated + '.pkl', output_file_truncated + '.pkl')] if save_probabilities else []
         moves.append((tmp_truncated + ending, output_file_truncated + ending))  # the mask last

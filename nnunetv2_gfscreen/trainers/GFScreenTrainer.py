@@ -6,10 +6,12 @@ predicts without gradient; a binary detection reward per tile; group-relative ad
 loss (clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced
 CE) plus the Glance's dense lesion-map loss; L = L_seg + L_GRL + w * L_dense. The Glance that
 trains (the policy) is averaged (EMA) into the network's Glance, which is what validation,
-calibration and inference use (glance_training.py says why). Everything else (plans, data, augmentation, schedule, logging, checkpoint
-layout, final validation) is nnU-Net's. Why the Focus batch is not taken from the group:
-group_sampling.py.
+calibration and inference use (glance_training.py says why). Everything else (plans, data,
+augmentation, schedule, logging, checkpoint layout, final validation) is nnU-Net's; the final
+validation predicts with the gated sliding window of nnUNetv2_predict_gfscreen (final_validation.py).
+Why the Focus batch is not taken from the group: group_sampling.py.
 """
+import os
 from copy import deepcopy
 from typing import List, Optional, Union
 
@@ -17,28 +19,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_gfscreen.atomic import torch_save
 from nnunetv2_gfscreen.core.glance import build_glance
 from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
+from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
+from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_transforms
+from nnunetv2_gfscreen.trainers.final_validation import gated_final_validation, write_gate_figures
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
-from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
@@ -61,6 +57,9 @@ class GFScreenTrainer(nnUNetTrainer):
         self.policy_glance: Optional[nn.Module] = None       # the Glance that GRL trains
         self.reference_glance: Optional[nn.Module] = None    # pi_ref, refreshed from the policy every epoch
         self.glance_ema_updates = 0
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long)  # per epoch, on the device (train_step)
+        # which checkpoint the live weights are (load_checkpoint, on_train_end): its calibration is the one fitted
+        self.weights_checkpoint = "checkpoint_final.pth"
 
     def _refuse_unsupported_modes(self):
         network_keys = sorted(set(self.settings_overrides) & set(NETWORK_SETTINGS))
@@ -127,56 +126,13 @@ class GFScreenTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):
-        """nnU-Net's loaders, except that training batches are groups of sub-volumes per CT.
-
-        nnU-Net hard-codes `nnUNetDataLoader` inside `get_dataloaders`, so the construction is
-        repeated here with the group loader for training; transforms and augmenters are nnU-Net's.
-        """
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        patch_size = self.configuration_manager.patch_size
-        deep_supervision_scales = self._get_deep_supervision_scales()
-        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
-        tr_transforms = self.get_training_transforms(
-            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
-            foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
-        val_transforms = self.get_validation_transforms(
-            deep_supervision_scales, is_cascaded=self.is_cascaded,
-            foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                                self.oversample_foreground_percent, self.gfscreen.group_size,
-                                self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
-                                group_transforms=self.get_group_transforms(mirror_axes),
-                                probabilistic_oversampling=self.probabilistic_oversampling,
-                                tile_step_size=self.gfscreen.tile_step_size)
-        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
-                                  oversample_foreground_percent=self.oversample_foreground_percent,
-                                  transforms=val_transforms,
-                                  probabilistic_oversampling=self.probabilistic_oversampling)
-        n_proc = get_allowed_n_proc_DA()
-        if n_proc == 0:
-            mt_gen_train, mt_gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
-        else:
-            pin = self.device.type == "cuda"
-            mt_gen_train = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002)
-            mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None,
-                                                      pin, 0.002)
-        _ = next(mt_gen_train)
-        _ = next(mt_gen_val)
-        return mt_gen_train, mt_gen_val
+        """nnU-Net's loaders, except that training batches are groups of sub-volumes per CT (dataloaders.py)."""
+        return build_dataloaders(self)
 
     @staticmethod
     def get_group_transforms(mirror_axes) -> ComposeTransforms:
-        """Transforms of the GRL group's sub-volumes: mirroring (if the trainer mirrors) and nnU-Net's clean-up of
-        the padding label; no intensity or spatial augmentation, so they look like the tiles seen at inference."""
-        mirror = [MirrorTransform(allowed_axes=mirror_axes)] if mirror_axes else []
-        return ComposeTransforms(mirror + [RemoveLabelTansform(-1, 0)])
+        """Transforms of the GRL group's sub-volumes (dataloaders.group_transforms)."""
+        return group_transforms(mirror_axes)
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
@@ -216,7 +172,8 @@ class GFScreenTrainer(nnUNetTrainer):
     def glance_objective(self, glance_logits, ref_logits, rewards, lesion, group_ids) -> dict:
         """The Glance's loss terms (grl_clip, grl_kl, grl_ce, grl_losses = their total): GRL."""
         terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
-                         beta=self.gfscreen.beta, alpha=self.grl_alpha(), dual_clip=self.gfscreen.dual_clip or None)
+                         beta=self.gfscreen.beta, alpha=self.grl_alpha(), dual_clip=self.gfscreen.dual_clip or None,
+                         check_values=False)  # no host sync; a non-finite loss is skipped in train_step
         return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
 
     def _to_device(self, data: torch.Tensor, target):
@@ -256,6 +213,9 @@ class GFScreenTrainer(nnUNetTrainer):
         loss = seg_loss + glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
 
         optimizers = (self.optimizer, self.glance_optimizer)
+        # a non-finite loss (fp16 overflow of a logit) is not an error: the GradScaler skips the steps of the
+        # optimisers whose gradients are not finite, as in nnU-Net; counted on the device, logged per epoch
+        self.nonfinite_steps += ~torch.isfinite(loss.detach())
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             for opt in optimizers:
@@ -265,7 +225,7 @@ class GFScreenTrainer(nnUNetTrainer):
             for opt in optimizers:
                 self.grad_scaler.step(opt)
             self.grad_scaler.update()
-        else:
+        elif torch.isfinite(loss):  # no scaler: CPU/MPS, where reading the value is no device synchronisation
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.focus.parameters(), 12)
             torch.nn.utils.clip_grad_norm_(self.policy_glance.parameters(), 12)
@@ -273,14 +233,15 @@ class GFScreenTrainer(nnUNetTrainer):
                 opt.step()
         self.update_glance_average()
         selected = torch.sigmoid(glance_logits.detach().double()) > net.threshold
-        out = {"loss": loss.detach().cpu().numpy(), "seg_losses": seg_loss.detach().cpu().numpy(),
-               "glance_dense": dense_loss.detach().cpu().numpy(),
-               "mean_reward": rewards.mean().cpu().numpy(), "selection_ratio": selected.float().mean().cpu().numpy()}
-        out.update({k: v.detach().cpu().numpy() for k, v in glance_terms.items()})
-        return out
+        values = {"loss": loss, "seg_losses": seg_loss, "glance_dense": dense_loss, "mean_reward": rewards.mean(),
+                  "selection_ratio": selected.float().mean(), **glance_terms}
+        # one transfer to the host for all of them (nnU-Net's own step reads its loss once, too)
+        host = torch.stack([v.detach().float().reshape(()) for v in values.values()]).cpu().numpy()
+        return {k: np.array(v) for k, v in zip(values, host)}
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self.device)
         lr = cosine_lr(self.gfscreen.glance_lr, self.current_epoch, self.num_epochs)
         for group in self.glance_optimizer.param_groups:
             group["lr"] = lr
@@ -289,9 +250,16 @@ class GFScreenTrainer(nnUNetTrainer):
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
+        skipped = int(self.nonfinite_steps)  # the epoch's one read of the counter
+        if skipped:
+            self.print_to_log_file(f"{skipped} of {len(train_outputs)} training steps had a non-finite loss (fp16 "
+                                   f"overflow?): optimiser steps with non-finite gradients were skipped (GradScaler; "
+                                   f"without one, the whole step); the epoch's means leave those values out")
         for key in ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "glance_dense", "mean_reward",
                     "selection_ratio"):
-            self.logger.log(key, float(np.mean(outputs[key])), self.current_epoch)
+            values = np.asarray(outputs[key], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            self.logger.log(key, float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self):
@@ -327,48 +295,35 @@ class GFScreenTrainer(nnUNetTrainer):
                                f"specificity {get('glance_specificity')}")
         super().on_epoch_end()
 
+    def on_train_end(self):
+        super().on_train_end()
+        self.weights_checkpoint = "checkpoint_final.pth"  # the live weights are the final ones now
+
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """Calibrate the gate on the validation cases first (the all-cases threshold goes into the network and
-        the checkpoints), then run nnU-Net's final validation with each case's leave-one-case-out threshold
-        (fitted on the other validation cases), so no case is gated at a threshold tuned on itself."""
+        """nnU-Net's final validation, predicted the way `nnUNetv2_predict_gfscreen` predicts (the gated sliding
+        window, final_validation.py) after calibrating the gate on the validation cases (the all-cases
+        threshold goes into the network and the loaded checkpoint: checkpoint_best.pth with --val_best); each
+        case is predicted at its leave-one-case-out threshold (fitted on the other validation cases), so no case
+        is gated at a threshold tuned on itself. Writes nnU-Net's validation/summary.json and gfscreen_gate.json."""
         if self.local_rank != 0:
             return super().perform_actual_validation(save_probabilities)
-        result = calibrate_trainer(self)
-        with loco_thresholds_during_validation(self, result):
+        result = calibrate_trainer(self, checkpoint_name=self.weights_checkpoint)
+        with loco_thresholds_during_validation(self, result), gated_final_validation(self) as cases:
             super().perform_actual_validation(save_probabilities)
+        write_gate_figures(self, cases, self.weights_checkpoint)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint (Focus + Glance in `network_weights`) plus the Glance optimiser and pi_ref.
-
-        nnU-Net writes its dict in one go with no extension hook, so we add our entry afterwards and
-        replace the file atomically (a crash leaves either the old or the complete new file).
-        """
-        super().save_checkpoint(filename)
+        """nnU-Net's checkpoint (Focus + Glance in `network_weights`) plus the Glance optimiser and pi_ref,
+        written atomically (checkpointing.py): a kill leaves either the old or the complete new file."""
         if self.local_rank != 0 or self.disable_checkpointing:
-            return
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint["gfscreen"] = {
-            "glance_optimizer_state": self.glance_optimizer.state_dict(),
-            "policy_glance": self.policy_glance.state_dict(),
-            "glance_ema_updates": self.glance_ema_updates,
-            "reference_glance": self.reference_glance.state_dict(),
-            "settings": self.gfscreen.to_dict(),
-        }
-        torch_save(checkpoint, filename)
+            return super().save_checkpoint(filename)
+        save_checkpoint_atomically(filename, super().save_checkpoint, training_state(self))
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            self.weights_checkpoint = os.path.basename(filename_or_checkpoint)
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        extra = checkpoint.get("gfscreen")
-        if extra is None or "policy_glance" not in extra:
-            self.print_to_log_file("checkpoint has no GF-Screen training state: the policy Glance starts from the "
-                                   "checkpoint's Glance, its optimiser and reference fresh")
-            self.policy_glance.load_state_dict(self._gfscreen_network().glance.state_dict())
-            self.refresh_reference_glance()
-            return
-        self.policy_glance.load_state_dict(extra["policy_glance"])
-        self.glance_optimizer.load_state_dict(extra["glance_optimizer_state"])
-        self.reference_glance.load_state_dict(extra["reference_glance"])
-        self.glance_ema_updates = int(extra.get("glance_ema_updates", 0))
+        restore_training_state(self, checkpoint)

@@ -8,16 +8,19 @@ from typing import Optional
 import torch
 
 from nnunetv2_gfscreen.core.calibration import calibrate_threshold, describe_calibration, preprocessed_cases
-from nnunetv2_gfscreen.core.calibration_store import save_calibration
+from nnunetv2_gfscreen.core.calibration_store import CHECKPOINT_KEY, save_calibration
 from nnunetv2_gfscreen.core.network import unwrap_gfscreen_network
 
 
-def calibrate_trainer(trainer, target_sensitivity: Optional[float] = None, tile_margin: Optional[float] = None) -> dict:
+def calibrate_trainer(trainer, target_sensitivity: Optional[float] = None, tile_margin: Optional[float] = None,
+                      checkpoint_name: str = "checkpoint_final.pth") -> dict:
     """Calibrate a trained GFScreenTrainer's gate on its validation cases (call before the final validation).
 
-    The live network (the final weights) is calibrated, its `threshold` buffer set (all-cases threshold), and
-    the result stored for checkpoint_final.pth; a checkpoint_best.pth in the output folder gets its own
-    calibration (its Glance differs). Returns the result for the final weights.
+    The live network (the weights of `checkpoint_name`: checkpoint_best.pth after `--val_best` loaded it) is
+    calibrated, its `threshold` buffer set (all-cases threshold), and the result stored for `checkpoint_name`.
+    The other of checkpoint_final.pth / checkpoint_best.pth, if present in the output folder and not yet
+    calibrated (nnU-Net rewrites a checkpoint without our entry), gets its own calibration (its Glance
+    differs). Returns the result for the live weights.
     """
     target = trainer.gfscreen.target_lesion_sensitivity if target_sensitivity is None else target_sensitivity
     tile_margin = trainer.gfscreen.calibration_tile_margin if tile_margin is None else tile_margin
@@ -27,19 +30,22 @@ def calibrate_trainer(trainer, target_sensitivity: Optional[float] = None, tile_
                                     folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
     keys = list(dataset.identifiers)
     patch_size = trainer.configuration_manager.patch_size
-    result = calibrate_threshold(network, preprocessed_cases(dataset, keys), target, patch_size,
-                                 device=trainer.device, tile_margin=tile_margin, case_ids=keys)
+    calibrate = lambda net: calibrate_threshold(net, preprocessed_cases(dataset, keys), target, patch_size,  # noqa
+                                                device=trainer.device, tile_margin=tile_margin, case_ids=keys)
+    result = calibrate(network)
     network.threshold.fill_(result["threshold"])
-    save_calibration(result, trainer.output_folder, "checkpoint_final.pth")
-    trainer.print_to_log_file(f"GF-Screen calibration: {describe_calibration(result)}")
-    best_file = os.path.join(trainer.output_folder, "checkpoint_best.pth")
-    if not os.path.isfile(best_file):
-        return result
-    best = deepcopy(network)
-    best.load_state_dict(torch.load(best_file, map_location='cpu', weights_only=False)['network_weights'])
-    best_result = calibrate_threshold(best, preprocessed_cases(dataset, keys), target, patch_size,
-                                      device=trainer.device, tile_margin=tile_margin, case_ids=keys)
-    save_calibration(best_result, trainer.output_folder, "checkpoint_best.pth")
+    save_calibration(result, trainer.output_folder, checkpoint_name)
+    trainer.print_to_log_file(f"GF-Screen calibration of {checkpoint_name}: {describe_calibration(result)}")
+    for other in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        other_file = os.path.join(trainer.output_folder, other)
+        if other == checkpoint_name or not os.path.isfile(other_file):
+            continue
+        checkpoint = torch.load(other_file, map_location='cpu', weights_only=False)
+        if CHECKPOINT_KEY in checkpoint:
+            continue
+        net = deepcopy(network)
+        net.load_state_dict(checkpoint['network_weights'])
+        save_calibration(calibrate(net), trainer.output_folder, other)
     return result
 
 
