@@ -28,6 +28,30 @@ class MeanIntensityGlance(nn.Module):
         return self.scale * (x.float().mean(dim=tuple(range(1, x.ndim))) - self.offset)
 
 
+class TiltedGlance(nn.Module):
+    """A Glance that is NOT flip-invariant: select logit = scale * (ramp-weighted mean intensity - offset).
+
+    The weights grow linearly along every spatial axis (1 + tilt * position), so a flipped tile scores
+    differently unless the network averages over flips. offset and tilt are buffers, so two folds'
+    weights hold two different Glances (tilt 0: the plain mean, flip-invariant).
+    """
+
+    def __init__(self, offset: float = 0.0, tilt: float = 4.0, scale: float = 10.0):
+        super().__init__()
+        self.register_buffer("offset", torch.tensor(float(offset)))
+        self.register_buffer("tilt", torch.tensor(float(tilt)))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        w = torch.ones(spatial, dtype=torch.float32, device=x.device)
+        for d, n in enumerate(spatial):
+            ramp = torch.linspace(0, 1, n, device=x.device).view([n if i == d else 1 for i in range(len(spatial))])
+            w = w + self.tilt * ramp
+        weighted = (x.float() * w).sum(dim=tuple(range(2, x.ndim))).mean(1) / w.sum()
+        return self.scale * (weighted - self.offset)
+
+
 def tiny_focus(in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> PlainConvUNet:
     """A 3-stage PlainConvUNet (total stride 4 per axis) with random but fixed weights."""
     torch.manual_seed(seed)
