@@ -99,6 +99,20 @@ class GFScreenNetwork(nn.Module):
         """nnU-Net's `set_deep_supervision_enabled` reaches into `network.decoder`."""
         return self.focus.decoder
 
+    def glance_state(self) -> dict:
+        """A copy of what defines the Glance's scores (its weights and mirror axes), in `state_dict` keys."""
+        state = {f"glance.{k}": v.detach().clone() for k, v in self.glance.state_dict().items()}
+        state[MIRROR_AXES_BUFFER] = self.glance_mirror_axes.detach().clone()
+        return state
+
+    def load_glance_state(self, state_dict: dict) -> None:
+        """Load only the Glance part of a full `state_dict` (one fold's weights), strictly; no mirror-axes entry
+        means no averaging, as in `_load_from_state_dict`."""
+        self.glance.load_state_dict({k[len("glance."):]: v for k, v in state_dict.items() if k.startswith("glance.")},
+                                    strict=True)
+        mask = state_dict.get(MIRROR_AXES_BUFFER)
+        self.set_glance_mirror_axes(() if mask is None else [i for i, m in enumerate(mask.tolist()) if m])
+
     def glance_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The select logit of a batch of tiles x (B, C, *patch) -> (B,) float64, averaged over the flips of
         `glance_mirror_axes` (one Glance pass when there are none).

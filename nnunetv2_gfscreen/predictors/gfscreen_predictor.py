@@ -1,9 +1,12 @@
 """GFScreenPredictor: nnU-Net's predictor with a Glance-gated sliding window.
 
 Only the sliding-window step differs from `nnUNetPredictor`: the Glance scores every tile first
-(batched, no mirroring, so a tile's decision never depends on a flip), then the Focus segments
-only the selected tiles (batched), with nnU-Net's Gaussian blending and mirroring TTA on those
-alone. Voxels that no selected tile covers get logits 0 (background after argmax), never 0/0.
+(batched; `GFScreenNetwork.glance_logits`, averaged over the model's mirror axes, so a tile's decision
+never depends on a flip), then the Focus segments only the selected tiles (batched), with nnU-Net's
+Gaussian blending and mirroring TTA on those alone. Voxels that no selected tile covers get logits 0
+(background after argmax), never 0/0, and certain background in saved probabilities (probabilities.py).
+A fold ensemble gates once per case on the folds' mean Glance logit and runs every fold's Focus on the
+same tiles (ensemble_gate.py).
 
 Reading/preprocessing (`preprocess_case`) and export (`export_case`) are separate methods. With
 `torch_io` on (the default on CUDA) they run nnU-Net's preprocessing and export with torch on the
@@ -29,6 +32,8 @@ from nnunetv2.utilities.helpers import empty_cache
 
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, select_tiles, unwrap_gfscreen_network
 from nnunetv2_gfscreen.core.tiles import score_tiles
+from nnunetv2_gfscreen.predictors.ensemble_gate import pooled_threshold, score_tiles_over_folds
+from nnunetv2_gfscreen.predictors.probabilities import export_with_probabilities
 from nnunetv2_gfscreen.torch_io.export import export_logits_torch
 from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
 
@@ -44,7 +49,9 @@ class CaseInputError(ValueError):
 class SlidingWindowRecord:
     """What one gated sliding window did (one case, one fold's weights).
 
-    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped.
+    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped. In a fold
+    ensemble every fold's record holds the case's shared decision (scores: p from the folds' mean logit,
+    threshold: the pooled one); the first fold's record carries the Glance time of all folds, the others 0.
     """
     image_shape: Tuple[int, ...]
     bboxes: List[Box] = field(default_factory=list)
@@ -140,6 +147,9 @@ class GFScreenPredictor(nnUNetPredictor):
     otherwise), 'on' or 'off' (force either; 'on' works on CPU tensors too).
     After each sliding window, a `SlidingWindowRecord` is appended to `self.records`
     (one per fold for an ensemble); `reset_records()` clears it between cases.
+    Fold ensembles (`predict_logits_from_preprocessed_data` with several folds) gate once per case: the
+    tiles are scored with every fold's Glance, selected on the mean logit against `pooled_threshold` of the
+    folds' thresholds (or `threshold`), and every fold's Focus runs on that selection.
     """
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
@@ -163,6 +173,7 @@ class GFScreenPredictor(nnUNetPredictor):
         self.glance_batch_size = glance_batch_size
         self.records: List[SlidingWindowRecord] = []
         self._unpadded_shape: Optional[Tuple[int, ...]] = None
+        self._case_gate: Optional[dict] = None  # the decision the folds of one case share (see _gate)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -181,7 +192,7 @@ class GFScreenPredictor(nnUNetPredictor):
         """Write one threshold per loaded fold into its weights (`list_of_parameters[i]['threshold']`).
 
         The per-fold weights are reloaded before each fold's sliding window, so this is where a
-        per-fold calibrated threshold has to go.
+        per-fold calibrated threshold has to go. An ensemble gates at `pooled_threshold` of these.
         """
         if len(thresholds) != len(self.list_of_parameters):
             raise ValueError(f"got {len(thresholds)} thresholds for {len(self.list_of_parameters)} folds")
@@ -197,6 +208,38 @@ class GFScreenPredictor(nnUNetPredictor):
         return time.perf_counter()
 
     # ------------------------------------------------------------------ sliding window
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's fold loop (load each fold, sliding window, mean of the logits); the folds share one gate
+        decision, made in the first fold's sliding window."""
+        self._case_gate = {}
+        try:
+            return super().predict_logits_from_preprocessed_data(data)
+        finally:
+            self._case_gate = None
+
+    def _gate(self, net: GFScreenNetwork, data: torch.Tensor, slicers) -> Tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(scores, selected, threshold, Glance seconds) of this sliding window. Within one case of a fold
+        ensemble the first call decides for every fold (later folds and nnU-Net's CPU retry reuse it, with 0 s)."""
+        if self._case_gate:
+            g = self._case_gate
+            return g['scores'], g['selected'], g['threshold'], 0.0
+        ensemble = self._case_gate is not None and len(self.list_of_parameters) > 1
+        t0 = self._clock()
+        if ensemble:
+            scores = score_tiles_over_folds(net, self.list_of_parameters, data, slicers, self.glance_batch_size,
+                                            self.device)
+            threshold = pooled_threshold([float(p['threshold']) for p in self.list_of_parameters]) \
+                if self.threshold is None else float(self.threshold)
+        else:
+            scores = score_tiles(net, data, slicers, self.glance_batch_size, self.device)
+            threshold = float(net.threshold) if self.threshold is None else float(self.threshold)
+        glance_seconds = self._clock() - t0
+        selected = torch.ones(len(slicers), dtype=torch.bool) if self.dense else select_tiles(scores, threshold)
+        if self._case_gate is not None:
+            self._case_gate.update(scores=scores, selected=selected, threshold=threshold)
+        return scores, selected, threshold, glance_seconds
+
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
         """nnU-Net's version (padding, autocast, OOM fallback); remembers the unpadded shape for the record."""
@@ -218,12 +261,8 @@ class GFScreenPredictor(nnUNetPredictor):
         try:
             empty_cache(self.device)
             data = data.to(results_device)
-            threshold = float(net.threshold) if self.threshold is None else float(self.threshold)
-
-            t0 = self._clock()
-            scores = score_tiles(net, data, slicers, self.glance_batch_size, self.device)
+            scores, selected, threshold, glance_seconds = self._gate(net, data, slicers)
             t1 = self._clock()
-            selected = torch.ones(len(slicers), dtype=torch.bool) if self.dense else select_tiles(scores, threshold)
 
             predicted_logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]),
                                            dtype=torch.half, device=results_device)
@@ -251,7 +290,7 @@ class GFScreenPredictor(nnUNetPredictor):
                                    'reduce value_scaling_factor in compute_gaussian or increase the dtype of '
                                    'predicted_logits to fp32')
             self.records.append(self._make_record(data.shape[1:], slicers, scores, selected, threshold,
-                                                  t1 - t0, t2 - t1))
+                                                  glance_seconds, t2 - t1))
             return predicted_logits
         except Exception:
             del predicted_logits, n_predictions
@@ -319,7 +358,8 @@ class GFScreenPredictor(nnUNetPredictor):
         logits: (K, *preprocessed shape). A failure leaves no partial output file. Returns the path of the mask.
         With `use_torch_io` and no probabilities, torch export on the predictor's device (CPU on OOM);
         covered_bbox (`selected_tiles_bbox`, preprocessed voxels) limits it to the selected tiles' box, voxels
-        outside are background. Otherwise nnU-Net's export (on the CPU, whole volume; num_threads_torch threads).
+        outside are background. Otherwise nnU-Net's export (on the CPU, whole volume; num_threads_torch threads);
+        saved probabilities are certain background where no selected tile reached (probabilities.py).
         """
         if self.use_torch_io and not save_probabilities:
             case = case or os.path.basename(output_file_truncated)
@@ -335,7 +375,8 @@ class GFScreenPredictor(nnUNetPredictor):
 
     def _export_case_nnunet(self, logits: torch.Tensor, properties: dict, output_file_truncated: str,
                             save_probabilities: bool, num_threads_torch: int) -> str:
-        """nnU-Net's export_prediction_from_logits, written under a temporary name and then renamed."""
+        """nnU-Net's export_prediction_from_logits (with probabilities: `export_with_probabilities`), written
+        under a temporary name and then renamed."""
         ending = self.dataset_json['file_ending']
         folder, name = os.path.split(output_file_truncated)
         tmp_truncated = os.path.join(folder, f".{name}.partial{os.getpid()}")
@@ -343,8 +384,12 @@ class GFScreenPredictor(nnUNetPredictor):
                  (tmp_truncated + '.pkl', output_file_truncated + '.pkl')] if save_probabilities else []
         moves.append((tmp_truncated + ending, output_file_truncated + ending))  # the mask last
         try:
-            export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
-                                          self.dataset_json, tmp_truncated, save_probabilities, num_threads_torch)
+            if save_probabilities:
+                export_with_probabilities(logits, properties, self.configuration_manager, self.plans_manager,
+                                          self.dataset_json, tmp_truncated, num_threads_torch)
+            else:
+                export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
+                                              self.dataset_json, tmp_truncated, False, num_threads_torch)
             for src, dst in moves:
                 os.replace(src, dst)
         except BaseException:
