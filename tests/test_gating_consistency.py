@@ -201,3 +201,40 @@ def test_saved_probabilities_are_certain_background_where_no_selected_tile_reach
     # the same voxels, except a few dozen at selected tiles' rims (fp16 underflow of the stock blend's small
     # weighted logits, and exact fp16 ties of the two classes, which are background either way)
     assert (stock_flat != undecided).mean() < 1e-3
+
+
+def test_predict_gfscreen_with_two_folds_gates_once(planned_dataset, tmp_path, monkeypatch):
+    """nnUNetv2_predict_gfscreen -f 0 1 with two folds whose (random) Glances disagree."""
+    from nnunetv2_gfscreen.core.calibration_store import write_threshold_into_checkpoint
+    from nnunetv2_gfscreen.predictors.cli import run_predict_gfscreen
+    from tests.nnunet_fixtures import CONFIG, DATASET_ID
+    from tests.toy_models import patch_nnunet_paths
+
+    patch_nnunet_paths(monkeypatch, planned_dataset["root"])
+    trainer = "GFScreenTrainer_PlainCE"  # same network; a model folder of its own
+    image = sorted((planned_dataset["raw_folder"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / image.name).symlink_to(image)
+    args = ["-i", str(inputs), "-d", str(DATASET_ID), "-c", CONFIG, "-tr", trainer, "-device", "cpu",
+            "--disable_tta", "-npp", "0", "-nps", "0"]
+    scores, thresholds = {}, {}
+    for fold, seed in ((0, 11), (1, 12)):
+        model_folder, _ = make_model_folder(planned_dataset, trainer, seed=seed, fold=fold)
+        dense = run_predict_gfscreen(args + ["-o", str(tmp_path / f"dense{fold}"), "-f", str(fold), "--dense"])[0]
+        scores[fold] = np.array([t["score"] for t in dense["tiles"]])
+        s = np.sort(scores[fold])
+        thresholds[fold] = float(s[len(s) // 2 - 1] + s[len(s) // 2]) / 2  # each fold alone selects half the tiles
+        write_threshold_into_checkpoint(str(model_folder / f"fold_{fold}" / "checkpoint_final.pth"), thresholds[fold])
+    sel = {f: scores[f] > thresholds[f] for f in (0, 1)}
+    assert (sel[0] != sel[1]).any()  # the folds disagree
+
+    both = run_predict_gfscreen(args + ["-o", str(tmp_path / "both"), "-f", "0", "1"])[0]
+    logit = lambda p: np.log(p) - np.log1p(-p)
+    mean_logit = (logit(scores[0]) + logit(scores[1])) / 2
+    pooled = pooled_threshold([thresholds[0], thresholds[1]])
+    expected = mean_logit > logit(pooled)
+    selected = np.array([t["selected"] for t in both["tiles"]])
+    assert both["threshold"] == pytest.approx(pooled, abs=1e-12)
+    assert np.array_equal(selected, expected) and not np.array_equal(selected, sel[0] | sel[1])
+    assert [f["tiles_selected"] for f in both["folds"]] == [int(expected.sum())] * 2  # one decision, both Focuses

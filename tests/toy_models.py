@@ -111,8 +111,8 @@ def patch_nnunet_paths(monkeypatch, root) -> None:
         monkeypatch.setenv(name, str(root / sub))
 
 
-def make_model_folder(planned: dict, trainer: str, seed: int = 0):
-    """results/<dataset>/<trainer>__nnUNetPlans__<config>/ with plans.json, dataset.json and fold_0's
+def make_model_folder(planned: dict, trainer: str, seed: int = 0, fold: int = 0):
+    """results/<dataset>/<trainer>__nnUNetPlans__<config>/ with plans.json, dataset.json and fold_<fold>'s
     checkpoint_final.pth holding a randomly initialised GFScreenNetwork (no training)."""
     import json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -121,7 +121,7 @@ def make_model_folder(planned: dict, trainer: str, seed: int = 0):
 
     dataset_folder = planned["dataset_folder"]
     model_folder = planned["root"] / "results" / dataset_folder.name / f"{trainer}__nnUNetPlans__{CONFIG}"
-    (model_folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (model_folder / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
     plans = json.loads(planned["plans_file"].read_text())
     (model_folder / "plans.json").write_text(json.dumps(plans, indent=1))
     (model_folder / "dataset.json").write_text((dataset_folder / "dataset.json").read_text())
@@ -130,7 +130,7 @@ def make_model_folder(planned: dict, trainer: str, seed: int = 0):
     net = GFScreenTrainer.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 2,
                                                      enable_deep_supervision=False)
     checkpoint = {"network_weights": net.state_dict(), "trainer_name": trainer,
-                  "init_args": {"plans": plans, "configuration": CONFIG, "fold": 0},
+                  "init_args": {"plans": plans, "configuration": CONFIG, "fold": fold},
                   "inference_allowed_mirroring_axes": (0, 1, 2)}
-    torch.save(checkpoint, model_folder / "fold_0" / "checkpoint_final.pth")
+    torch.save(checkpoint, model_folder / f"fold_{fold}" / "checkpoint_final.pth")
     return model_folder, net
