@@ -14,13 +14,8 @@ predictor's device (`torch_preprocessing`, `torch_export`), and the export resam
 the selected tiles; otherwise they call nnU-Net's own CPU functions.
 """
 import os
-import re
-import threading
 import time
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,39 +27,18 @@ from nnunetv2.utilities.helpers import empty_cache
 
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, select_tiles, unwrap_gfscreen_network
 from nnunetv2_gfscreen.core.tiles import score_tiles
+from nnunetv2_gfscreen.predictors.oom_notes import oom_fallback_notes
+from nnunetv2_gfscreen.predictors.records import Box, SlidingWindowRecord, selected_tiles_bbox  # noqa: F401 (re-export)
 from nnunetv2_gfscreen.predictors.ensemble_gate import pooled_threshold, score_tiles_over_folds
 from nnunetv2_gfscreen.predictors.probabilities import export_with_probabilities
 from nnunetv2_gfscreen.torch_io.export import export_logits_torch
 from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
 
-Box = List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
 TORCH_IO_MODES = ('auto', 'on', 'off')
 
 
 class CaseInputError(ValueError):
     """An input case that cannot be predicted (unreadable, wrong channel count, NaN/inf values)."""
-
-
-@dataclass
-class SlidingWindowRecord:
-    """What one gated sliding window did (one case, one fold's weights).
-
-    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped. In a fold
-    ensemble every fold's record holds the case's shared decision (scores: p from the folds' mean logit,
-    threshold: the pooled one); the first fold's record carries the Glance time of all folds, the others 0.
-    """
-    image_shape: Tuple[int, ...]
-    bboxes: List[Box] = field(default_factory=list)
-    scores: List[float] = field(default_factory=list)
-    selected: List[bool] = field(default_factory=list)
-    threshold: float = float("nan")
-    dense: bool = False
-    glance_seconds: float = 0.0
-    focus_seconds: float = 0.0
-
-    @property
-    def tiles_selected(self) -> int:
-        return int(sum(self.selected))
 
 
 def nifti_nonfinite_count(path: str) -> int:
@@ -81,60 +55,6 @@ def nifti_nonfinite_count(path: str) -> int:
         return 0
     data = np.asanyarray(img.dataobj)
     return int(data.size - np.count_nonzero(np.isfinite(data)))
-
-
-def selected_tiles_bbox(records: Sequence[SlidingWindowRecord]) -> Optional[Box]:
-    """Half-open box around every tile any fold selected, in unpadded preprocessed voxels (the logits' frame).
-
-    None when a record is dense (everything is predicted, nothing to skip); [[0, 0]] * 3 when no tile was
-    selected. The record boxes are already unpadded (see `_make_record`), so no padding offset applies here.
-    """
-    if not records:
-        raise ValueError("no sliding-window record: run the sliding window of this case first")
-    if any(r.dense for r in records):
-        return None
-    shape = records[0].image_shape
-    if any(r.image_shape != shape for r in records):
-        raise ValueError(f"folds predicted different shapes: {[r.image_shape for r in records]}")
-    boxes = [b for r in records for b, keep in zip(r.bboxes, r.selected) if keep]
-    if not boxes:
-        return [[0, 0] for _ in shape]
-    return [[min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)] for d in range(len(shape))]
-
-
-# ---------------------------------------------------------------------- per-case notice of the torch I/O OOM fallback
-# preprocess_case_torch / export_logits_torch warn when they redo a case on the CPU; Python shows a warning once
-# per code location, and the message does not name the case. The hook below hands those warnings to the thread
-# that is preprocessing/exporting a case, which prints one line naming the case (threads: see pipeline.py).
-_OOM_FALLBACK = r'(preprocess_case_torch|export_logits_torch): out of memory'
-_tls = threading.local()
-_hook_lock = threading.Lock()
-
-
-def _showwarning_with_oom_notes(message, category, filename, lineno, file=None, line=None):
-    notes = getattr(_tls, 'oom_notes', None)
-    if notes is not None and re.match(_OOM_FALLBACK, str(message)):
-        notes.append(str(message))
-        return
-    _showwarning_with_oom_notes.previous(message, category, filename, lineno, file, line)
-
-
-@contextmanager
-def _oom_fallback_notes() -> Iterator[List[str]]:
-    """Collect (instead of showing) this thread's OOM-fallback warnings of the torch I/O functions."""
-    with _hook_lock:
-        if warnings.showwarning is not _showwarning_with_oom_notes:
-            _showwarning_with_oom_notes.previous = warnings.showwarning
-            warnings.showwarning = _showwarning_with_oom_notes
-        # shown for every case, not once per process; added once (each change of the filters resets which
-        # other warnings count as already shown)
-        if not any(f[0] == 'always' and f[1] is not None and f[1].pattern == _OOM_FALLBACK for f in warnings.filters):
-            warnings.filterwarnings('always', message=_OOM_FALLBACK)
-    _tls.oom_notes = notes = []
-    try:
-        yield notes
-    finally:
-        _tls.oom_notes = None
 
 
 class GFScreenPredictor(nnUNetPredictor):
@@ -338,7 +258,7 @@ class GFScreenPredictor(nnUNetPredictor):
         if n_bad:
             raise CaseInputError(f"case {case}: image contains {n_bad} NaN/inf voxel(s); refusing to predict")
         if self.use_torch_io:
-            with _oom_fallback_notes() as notes:
+            with oom_fallback_notes() as notes:
                 data, properties = preprocess_case_torch(image, properties, self.plans_manager,
                                                          self.configuration_manager, self.dataset_json, self.device)
             if notes:
@@ -363,7 +283,7 @@ class GFScreenPredictor(nnUNetPredictor):
         """
         if self.use_torch_io and not save_probabilities:
             case = case or os.path.basename(output_file_truncated)
-            with _oom_fallback_notes() as notes:
+            with oom_fallback_notes() as notes:
                 export_logits_torch(logits.to(self.device), properties, self.plans_manager,
                                     self.configuration_manager, self.dataset_json, output_file_truncated,
                                     covered_bbox=covered_bbox)
