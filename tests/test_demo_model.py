@@ -28,6 +28,9 @@ def test_shipped_model_gates_a_new_case_and_finds_its_lesion():
     predictor = GFScreenPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
                                   allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(MODEL), [0], "checkpoint_final.pth")
+    # written before the Glance's mirror axes were saved: loads strictly, scores each tile once, as calibrated
+    assert "glance_mirror_axes" not in predictor.list_of_parameters[0]
+    assert predictor.gfscreen_network.glance_mirror_axes_tuple == ()
     seg = predictor.predict_single_npy_array(image[None], {"spacing": list(spacing)}, None, None, False)
     record = predictor.records[-1]
     assert record.tiles_selected < 0.3 * len(record.selected)       # the gate skips most tiles

@@ -28,6 +28,30 @@ class MeanIntensityGlance(nn.Module):
         return self.scale * (x.float().mean(dim=tuple(range(1, x.ndim))) - self.offset)
 
 
+class TiltedGlance(nn.Module):
+    """A Glance that is NOT flip-invariant: select logit = scale * (ramp-weighted mean intensity - offset).
+
+    The weights grow linearly along every spatial axis (1 + tilt * position), so a flipped tile scores
+    differently unless the network averages over flips. offset and tilt are buffers, so two folds'
+    weights hold two different Glances (tilt 0: the plain mean, flip-invariant).
+    """
+
+    def __init__(self, offset: float = 0.0, tilt: float = 4.0, scale: float = 10.0):
+        super().__init__()
+        self.register_buffer("offset", torch.tensor(float(offset)))
+        self.register_buffer("tilt", torch.tensor(float(tilt)))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        w = torch.ones(spatial, dtype=torch.float32, device=x.device)
+        for d, n in enumerate(spatial):
+            ramp = torch.linspace(0, 1, n, device=x.device).view([n if i == d else 1 for i in range(len(spatial))])
+            w = w + self.tilt * ramp
+        weighted = (x.float() * w).sum(dim=tuple(range(2, x.ndim))).mean(1) / w.sum()
+        return self.scale * (weighted - self.offset)
+
+
 def tiny_focus(in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> PlainConvUNet:
     """A 3-stage PlainConvUNet (total stride 4 per axis) with random but fixed weights."""
     torch.manual_seed(seed)
@@ -87,8 +111,8 @@ def patch_nnunet_paths(monkeypatch, root) -> None:
         monkeypatch.setenv(name, str(root / sub))
 
 
-def make_model_folder(planned: dict, trainer: str, seed: int = 0):
-    """results/<dataset>/<trainer>__nnUNetPlans__<config>/ with plans.json, dataset.json and fold_0's
+def make_model_folder(planned: dict, trainer: str, seed: int = 0, fold: int = 0):
+    """results/<dataset>/<trainer>__nnUNetPlans__<config>/ with plans.json, dataset.json and fold_<fold>'s
     checkpoint_final.pth holding a randomly initialised GFScreenNetwork (no training)."""
     import json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -97,7 +121,7 @@ def make_model_folder(planned: dict, trainer: str, seed: int = 0):
 
     dataset_folder = planned["dataset_folder"]
     model_folder = planned["root"] / "results" / dataset_folder.name / f"{trainer}__nnUNetPlans__{CONFIG}"
-    (model_folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (model_folder / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
     plans = json.loads(planned["plans_file"].read_text())
     (model_folder / "plans.json").write_text(json.dumps(plans, indent=1))
     (model_folder / "dataset.json").write_text((dataset_folder / "dataset.json").read_text())
@@ -106,7 +130,7 @@ def make_model_folder(planned: dict, trainer: str, seed: int = 0):
     net = GFScreenTrainer.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 2,
                                                      enable_deep_supervision=False)
     checkpoint = {"network_weights": net.state_dict(), "trainer_name": trainer,
-                  "init_args": {"plans": plans, "configuration": CONFIG, "fold": 0},
+                  "init_args": {"plans": plans, "configuration": CONFIG, "fold": fold},
                   "inference_allowed_mirroring_axes": (0, 1, 2)}
-    torch.save(checkpoint, model_folder / "fold_0" / "checkpoint_final.pth")
+    torch.save(checkpoint, model_folder / f"fold_{fold}" / "checkpoint_final.pth")
     return model_folder, net

@@ -1,14 +1,15 @@
 """The Glance-gated sliding window, shared by GFScreenPredictor and the trainer's final validation.
 
 `GatedSlidingWindowMixin` replaces nnU-Net's `_internal_predict_sliding_window_return_logits`: the Glance
-scores every tile first (batched, no mirroring, so a tile's decision never depends on a flip), then the
-Focus segments only the selected tiles (batched), with nnU-Net's Gaussian blending and mirroring TTA on
-those alone. Voxels that no selected tile covers get logits 0 (background after argmax), never 0/0.
+scores every tile first (batched; `GFScreenNetwork.glance_logits`, averaged over the model's mirror axes, so
+a tile's decision never depends on a flip), then the Focus segments only the selected tiles (batched), with
+nnU-Net's Gaussian blending and mirroring TTA on those alone. Voxels that no selected tile covers get logits 0
+(background after argmax), never 0/0. A fold ensemble gates once per case on the folds' mean Glance logit
+and runs every fold's Focus on the same tiles (ensemble_gate.py).
 It lives in core/ so that trainers/ (final validation) and predictors/ (nnUNetv2_predict_gfscreen) run
 the same code without importing each other.
 """
 import time
-from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
@@ -17,31 +18,10 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
+from nnunetv2_gfscreen.core.ensemble_gate import pooled_threshold, score_tiles_over_folds
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, select_tiles, unwrap_gfscreen_network
+from nnunetv2_gfscreen.core.records import Box, SlidingWindowRecord, selected_tiles_bbox  # noqa: F401 (re-export)
 from nnunetv2_gfscreen.core.tiles import score_tiles
-
-Box = List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
-
-
-@dataclass
-class SlidingWindowRecord:
-    """What one gated sliding window did (one case, one fold's weights).
-
-    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped.
-    """
-    image_shape: Tuple[int, ...]
-    bboxes: List[Box] = field(default_factory=list)
-    scores: List[float] = field(default_factory=list)
-    selected: List[bool] = field(default_factory=list)
-    threshold: float = float("nan")
-    dense: bool = False
-    glance_seconds: float = 0.0
-    focus_seconds: float = 0.0
-
-    @property
-    def tiles_selected(self) -> int:
-        return int(sum(self.selected))
-
 
 class GatedSlidingWindowMixin:
     """Mix into an `nnUNetPredictor` subclass (before it) to gate its sliding window.
@@ -59,6 +39,7 @@ class GatedSlidingWindowMixin:
         self.glance_batch_size = glance_batch_size
         self.records: List[SlidingWindowRecord] = []
         self._unpadded_shape: Optional[Tuple[int, ...]] = None
+        self._case_gate: Optional[dict] = None  # the decision the folds of one case share (see _gate)
 
     @property
     def gfscreen_network(self) -> GFScreenNetwork:
@@ -71,6 +52,38 @@ class GatedSlidingWindowMixin:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's fold loop (load each fold, sliding window, mean of the logits); the folds share one gate
+        decision, made in the first fold's sliding window."""
+        self._case_gate = {}
+        try:
+            return super().predict_logits_from_preprocessed_data(data)
+        finally:
+            self._case_gate = None
+
+    def _gate(self, net: GFScreenNetwork, data: torch.Tensor, slicers) -> Tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(scores, selected, threshold, Glance seconds) of this sliding window. Within one case of a fold
+        ensemble the first call decides for every fold (later folds and nnU-Net's CPU retry reuse it, with 0 s)."""
+        if self._case_gate:
+            g = self._case_gate
+            return g['scores'], g['selected'], g['threshold'], 0.0
+        ensemble = self._case_gate is not None and len(self.list_of_parameters) > 1
+        t0 = self._clock()
+        if ensemble:
+            scores = score_tiles_over_folds(net, self.list_of_parameters, data, slicers, self.glance_batch_size,
+                                            self.device)
+            threshold = pooled_threshold([float(p['threshold']) for p in self.list_of_parameters]) \
+                if self.threshold is None else float(self.threshold)
+        else:
+            scores = score_tiles(net, data, slicers, self.glance_batch_size, self.device)
+            threshold = float(net.threshold) if self.threshold is None else float(self.threshold)
+        glance_seconds = self._clock() - t0
+        selected = torch.ones(len(slicers), dtype=torch.bool) if self.dense else select_tiles(scores, threshold)
+        if self._case_gate is not None:
+            self._case_gate.update(scores=scores, selected=selected, threshold=threshold)
+        return scores, selected, threshold, glance_seconds
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
@@ -93,12 +106,8 @@ class GatedSlidingWindowMixin:
         try:
             empty_cache(self.device)
             data = data.to(results_device)
-            threshold = float(net.threshold) if self.threshold is None else float(self.threshold)
-
-            t0 = self._clock()
-            scores = score_tiles(net, data, slicers, self.glance_batch_size, self.device)
+            scores, selected, threshold, glance_seconds = self._gate(net, data, slicers)
             t1 = self._clock()
-            selected = torch.ones(len(slicers), dtype=torch.bool) if self.dense else select_tiles(scores, threshold)
 
             predicted_logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]),
                                            dtype=torch.half, device=results_device)
@@ -126,7 +135,7 @@ class GatedSlidingWindowMixin:
                                    'reduce value_scaling_factor in compute_gaussian or increase the dtype of '
                                    'predicted_logits to fp32')
             self.records.append(self._make_record(data.shape[1:], slicers, scores, selected, threshold,
-                                                  t1 - t0, t2 - t1))
+                                                  glance_seconds, t2 - t1))
             return predicted_logits
         except Exception:
             del predicted_logits, n_predictions

@@ -17,18 +17,27 @@ def sliding_window_slicers(image_size: Sequence[int], patch_size: Sequence[int],
 
 
 @torch.inference_mode()
-def score_tiles(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
-                device: torch.device) -> torch.Tensor:
-    """Glance p(select) for every tile. data: (C, *shape) (already padded); returns (len(slicers),) float64 on CPU.
+def score_tile_logits(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
+                      device: torch.device) -> torch.Tensor:
+    """Glance select logit (`GFScreenNetwork.glance_logits`, mirror-averaged) for every tile.
+    data: (C, *shape) (already padded); returns (len(slicers),) float64 on CPU.
 
     Tiles are scored in batches of `batch_size`; the Glance normalises per tile (InstanceNorm), so a
     score does not depend on which tiles share its batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    scores = []
+    logits = []
     for start in range(0, len(slicers), batch_size):
         chunk = slicers[start:start + batch_size]
         x = torch.stack([data[s] for s in chunk]).to(device, non_blocking=True)
-        scores.append(network.glance_probabilities(x).double().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
+        logits.append(network.glance_logits(x).double().cpu())
+    return torch.cat(logits) if logits else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.inference_mode()
+def score_tiles(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
+                device: torch.device) -> torch.Tensor:
+    """Glance p(select) for every tile (sigmoid of `score_tile_logits`, as `glance_probabilities`):
+    (len(slicers),) float64 on CPU."""
+    return torch.sigmoid(score_tile_logits(network, data, slicers, batch_size, device))

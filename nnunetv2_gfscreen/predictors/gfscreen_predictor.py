@@ -1,9 +1,11 @@
 """GFScreenPredictor: nnU-Net's predictor with a Glance-gated sliding window.
 
 Only the sliding-window step differs from `nnUNetPredictor`; it lives in core/gated_window.py
-(`GatedSlidingWindowMixin`), which the trainer's final validation runs too: the Glance scores every
-tile first (batched, no mirroring), then the Focus segments only the selected tiles (batched), with
-nnU-Net's Gaussian blending and mirroring TTA on those alone.
+(`GatedSlidingWindowMixin`), which the trainer's final validation runs too: the Glance scores every tile
+first (batched; averaged over the model's mirror axes, so a tile's decision never depends on a flip), then
+the Focus segments only the selected tiles (batched), with nnU-Net's Gaussian blending and mirroring TTA on
+those alone. A fold ensemble gates once per case on the folds' mean Glance logit. Saved probabilities are
+certain background where no selected tile reached (probabilities.py).
 
 Reading/preprocessing (`preprocess_case`) and export (`export_case`) are separate methods. With
 `torch_io` on (the default on CUDA) they run nnU-Net's preprocessing and export with torch on the
@@ -21,6 +23,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_gfscreen.atomic import partial_name
 from nnunetv2_gfscreen.core.gated_window import Box, GatedSlidingWindowMixin, SlidingWindowRecord  # noqa: F401
+from nnunetv2_gfscreen.core.records import selected_tiles_bbox  # noqa: F401 (re-export)
+from nnunetv2_gfscreen.predictors.probabilities import export_with_probabilities
 from nnunetv2_gfscreen.torch_io.export import export_logits_torch
 from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
 
@@ -47,25 +51,6 @@ def nifti_nonfinite_count(path: str) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
-def selected_tiles_bbox(records: Sequence[SlidingWindowRecord]) -> Optional[Box]:
-    """Half-open box around every tile any fold selected, in unpadded preprocessed voxels (the logits' frame).
-
-    None when a record is dense (everything is predicted, nothing to skip); [[0, 0]] * 3 when no tile was
-    selected. The record boxes are already unpadded (see `_make_record`), so no padding offset applies here.
-    """
-    if not records:
-        raise ValueError("no sliding-window record: run the sliding window of this case first")
-    if any(r.dense for r in records):
-        return None
-    shape = records[0].image_shape
-    if any(r.image_shape != shape for r in records):
-        raise ValueError(f"folds predicted different shapes: {[r.image_shape for r in records]}")
-    boxes = [b for r in records for b, keep in zip(r.bboxes, r.selected) if keep]
-    if not boxes:
-        return [[0, 0] for _ in shape]
-    return [[min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)] for d in range(len(shape))]
-
-
 class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
     """nnUNetPredictor whose sliding window runs the Focus on Glance-selected tiles only.
 
@@ -76,6 +61,9 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
     otherwise), 'on' or 'off' (force either; 'on' works on CPU tensors too).
     After each sliding window, a `SlidingWindowRecord` is appended to `self.records`
     (one per fold for an ensemble); `reset_records()` clears it between cases.
+    Fold ensembles (`predict_logits_from_preprocessed_data` with several folds) gate once per case: the
+    tiles are scored with every fold's Glance, selected on the mean logit against `pooled_threshold` of the
+    folds' thresholds (or `threshold`), and every fold's Focus runs on that selection.
     """
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
@@ -105,7 +93,7 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
         """Write one threshold per loaded fold into its weights (`list_of_parameters[i]['threshold']`).
 
         The per-fold weights are reloaded before each fold's sliding window, so this is where a
-        per-fold calibrated threshold has to go.
+        per-fold calibrated threshold has to go. An ensemble gates at `pooled_threshold` of these.
         """
         if len(thresholds) != len(self.list_of_parameters):
             raise ValueError(f"got {len(thresholds)} thresholds for {len(self.list_of_parameters)} folds")
@@ -161,7 +149,8 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
         logits: (K, *preprocessed shape). A failure leaves no partial output file. Returns the path of the mask.
         With `use_torch_io` and no probabilities, torch export on the predictor's device (CPU on OOM);
         covered_bbox (`selected_tiles_bbox`, preprocessed voxels) limits it to the selected tiles' box, voxels
-        outside are background. Otherwise nnU-Net's export (on the CPU, whole volume; num_threads_torch threads).
+        outside are background. Otherwise nnU-Net's export (on the CPU, whole volume; num_threads_torch threads);
+        saved probabilities are certain background where no selected tile reached (probabilities.py).
         """
         return self.export_case_and_mask(logits, properties, output_file_truncated, save_probabilities,
                                          num_threads_torch, covered_bbox, case)[0]
@@ -186,7 +175,8 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
 
     def _export_case_nnunet(self, logits: torch.Tensor, properties: dict, output_file_truncated: str,
                             save_probabilities: bool, num_threads_torch: int) -> str:
-        """nnU-Net's export_prediction_from_logits, written under a temporary name and then renamed."""
+        """nnU-Net's export_prediction_from_logits (with probabilities: `export_with_probabilities`), written
+        under a temporary name and then renamed."""
         ending = self.dataset_json['file_ending']
         folder, name = os.path.split(output_file_truncated)
         tmp_truncated = os.path.join(folder, partial_name(name))  # the files are .<name>.partial..{.npz,.pkl,ending}
@@ -194,8 +184,12 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
                  (tmp_truncated + '.pkl', output_file_truncated + '.pkl')] if save_probabilities else []
         moves.append((tmp_truncated + ending, output_file_truncated + ending))  # the mask last
         try:
-            export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
-                                          self.dataset_json, tmp_truncated, save_probabilities, num_threads_torch)
+            if save_probabilities:
+                export_with_probabilities(logits, properties, self.configuration_manager, self.plans_manager,
+                                          self.dataset_json, tmp_truncated, num_threads_torch)
+            else:
+                export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
+                                              self.dataset_json, tmp_truncated, False, num_threads_torch)
             for src, dst in moves:
                 os.replace(src, dst)
         except BaseException:

@@ -114,6 +114,13 @@ class GFScreenTrainer(nnUNetTrainer):
         self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; "
                                f"{(type(self).__doc__ or '').strip().splitlines()[0]}")
 
+    def on_train_start(self):
+        """nnU-Net's start (it sets `inference_allowed_mirroring_axes` while building the loaders), then the
+        network's Glance averages its logit over the same mirror axes, so each tile gets one decision however
+        nnU-Net's mirroring TTA flips it; the axes are saved with the weights (see GFScreenNetwork)."""
+        super().on_train_start()
+        self._gfscreen_network().set_glance_mirror_axes(self.inference_allowed_mirroring_axes)
+
     def refresh_reference_glance(self):
         """pi_ref <- pi. Both use normalisation that ignores train/eval mode, so the ratio is exactly 1 after."""
         self.reference_glance.load_state_dict(self.policy_glance.state_dict())
