@@ -16,11 +16,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cc3d
 import numpy as np
 
+from nnunetv2_gfscreen.core.lesions import CONNECTIVITY
+
 MIN_COVERED_FRACTION = 0.9
 # a tile's central region, the Glance's training label: the middle half of each side (a quarter trimmed
 # at inner faces); at tile step 0.5 these regions cover the volume about once
 CENTRAL_MARGIN = 0.25
-CONNECTIVITY = 26
 COLUMNS = ("selection_ratio", "voxel_coverage", "lesion_sensitivity", "tile_sensitivity", "tile_specificity")
 
 
@@ -50,13 +51,6 @@ class CaseCoverage:
                 "lesion_voxels": n_vox, "lesion_voxels_covered": covered_vox,
                 "voxel_coverage": covered_vox / n_vox if n_vox else None,
                 "lesions": n_les, "lesions_covered": covered, "lesion_coverage": covered / n_les if n_les else None}
-
-
-def label_lesions(mask: np.ndarray) -> Tuple[np.ndarray, int]:
-    """(component labels, number of lesions) of mask > 0: the one definition of "a lesion" (26-connected) used
-    by calibration, the predictor's report, the evaluation and the pictures."""
-    labels, n = cc3d.connected_components(np.asarray(mask) > 0, connectivity=CONNECTIVITY, return_N=True)
-    return labels, int(n)
 
 
 def central_boxes(boxes: np.ndarray, image_shape: Sequence[int], tile_margin: float) -> np.ndarray:

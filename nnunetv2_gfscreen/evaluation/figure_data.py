@@ -4,7 +4,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunetv2_gfscreen.core.coverage import label_lesions
+from nnunetv2_gfscreen.core.lesions import label_lesions
 
 HU_SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 

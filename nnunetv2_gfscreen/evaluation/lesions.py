@@ -7,7 +7,7 @@ from typing import Dict, Iterable, Optional
 
 import numpy as np
 
-from nnunetv2_gfscreen.core.coverage import label_lesions
+from nnunetv2_gfscreen.core.lesions import label_lesions
 
 
 def lesion_detection_counts(gt: np.ndarray, pred: np.ndarray) -> Dict[str, int]:

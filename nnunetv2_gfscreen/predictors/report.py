@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_gfscreen.core.coverage import label_lesions
+from nnunetv2_gfscreen.core.lesions import label_lesions
 from nnunetv2_gfscreen.atomic import write_json
 from nnunetv2_gfscreen.core.case_report import CaseReport, LesionReport, TileReport
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import Box, SlidingWindowRecord
