@@ -36,6 +36,7 @@ from nnunetv2_gfscreen.core.glance import build_glance
 from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
+from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
@@ -48,7 +49,7 @@ NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_
 GLANCE_OBJECTIVES = ("grl", "ce", "balanced_ce")
 
 
-class GFScreenTrainer(nnUNetTrainer):
+class GFScreenTrainer(GFScreenDDPMixin, nnUNetTrainer):
     # ablation switches; variants override these (see variants.py)
     reward_kind: str = "binary"
     glance_objective: str = "grl"
@@ -58,6 +59,7 @@ class GFScreenTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self._keep_cpu_under_gloo(device)
         self._refuse_unsupported_modes()
         plans_settings = self.configuration_manager.configuration.get("gfscreen", {}) or {}
         self.gfscreen = GFScreenSettings.from_dict({**plans_settings, **self.settings_overrides})
@@ -76,9 +78,6 @@ class GFScreenTrainer(nnUNetTrainer):
             raise ValueError(f"{self.__class__.__name__}.settings_overrides sets {network_keys}, which shape the "
                              f"network that inference rebuilds from the plans alone; set them in the plans' "
                              f"gfscreen block instead (nnUNetv2_gfscreen_plan --set)")
-        if self.is_ddp:
-            raise NotImplementedError("GFScreenTrainer does not support multi-GPU (DDP) training yet; "
-                                      "train with one GPU")
         if self.label_manager.has_regions:
             raise NotImplementedError("GFScreenTrainer needs label-based training (FLARE-style 0/1 labels); "
                                       "region-based training is not supported")
@@ -208,7 +207,7 @@ class GFScreenTrainer(nnUNetTrainer):
         pred_fg = []
         with self._autocast():
             for chunk in torch.split(group_data, max(1, self.batch_size)):
-                out = self.network(chunk)
+                out = self.local_network()(chunk)  # no gradient: past the DDP wrapper
                 pred_fg.append(self._foreground(out[0] if isinstance(out, list) else out))
         return torch.cat(pred_fg)
 
@@ -253,7 +252,7 @@ class GFScreenTrainer(nnUNetTrainer):
         net = self._gfscreen_network()
         glance_input = intensity_augmentation(group_data, self.gfscreen.glance_aug_p)
         with self._autocast():
-            glance_logits, dense_logits = self.policy_glance.forward_dense(glance_input)
+            glance_logits, dense_logits = self.policy_forward(glance_input)  # through its DDP wrapper if any
             glance_logits = glance_logits.float()
             with torch.no_grad():
                 ref_logits = self.reference_glance(glance_input).float()
@@ -298,7 +297,7 @@ class GFScreenTrainer(nnUNetTrainer):
         outputs = collate_outputs(train_outputs)
         for key in ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "glance_dense", "mean_reward",
                     "selection_ratio"):
-            self.logger.log(key, float(np.mean(outputs[key])), self.current_epoch)
+            self.logger.log(key, float(np.mean(self.gather_values(outputs[key]))), self.current_epoch)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self):
@@ -320,7 +319,7 @@ class GFScreenTrainer(nnUNetTrainer):
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         super().on_validation_epoch_end(val_outputs)
-        tp, fn, tn, fp = np.sum([o["glance_counts"] for o in val_outputs], axis=0)
+        tp, fn, tn, fp = self.gather_sum(np.sum([o["glance_counts"] for o in val_outputs], axis=0))
         self.logger.log("glance_sensitivity", float(tp / (tp + fn)) if tp + fn else float("nan"), self.current_epoch)
         self.logger.log("glance_specificity", float(tn / (tn + fp)) if tn + fp else float("nan"), self.current_epoch)
         self._gfscreen_network().gating_enabled = True
@@ -337,10 +336,9 @@ class GFScreenTrainer(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Calibrate the gate on the validation cases first (the all-cases threshold goes into the network and
         the checkpoints), then run nnU-Net's final validation with each case's leave-one-case-out threshold
-        (fitted on the other validation cases), so no case is gated at a threshold tuned on itself."""
-        if self.local_rank != 0:
-            return super().perform_actual_validation(save_probabilities)
-        result = calibrate_trainer(self)
+        (fitted on the other validation cases), so no case is gated at a threshold tuned on itself. Under DDP rank 0
+        calibrates and every rank predicts its share of the cases at the broadcast thresholds."""
+        result = self.broadcast_from_rank0(calibrate_trainer(self) if self.local_rank == 0 else None)
         with loco_thresholds_during_validation(self, result):
             super().perform_actual_validation(save_probabilities)
 
