@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from tests.nnunet_fixtures import CONFIG
 
-STEPS_PER_EPOCH = 2
+STEPS_PER_EPOCH = 1
 
 
 def _make_trainer(plans_file: str, dataset_json_file: str):
