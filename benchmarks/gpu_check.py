@@ -31,10 +31,10 @@ DATASET_ID, DATASET_NAME = 991, "GFScreenGPUCheck"
 PROFILES = {
     "gpu": dict(shape=(110, 512, 512), n_train=6, n_test=10, epochs=2, iterations=20, val_iterations=5,
                 device="cuda", budget_s=510, npp=3, nps=3, selection=0.17),
-    "smoke": dict(shape=(32, 96, 96), n_train=6, n_test=3, epochs=2, iterations=2, val_iterations=1,
+    "smoke": dict(shape=(24, 64, 64), n_train=6, n_test=2, epochs=2, iterations=2, val_iterations=1,
                   device="cpu", budget_s=600, npp=1, nps=1, selection=0.17),
 }
-SMOKE_PATCH = [16, 48, 48]
+SMOKE_PATCH = [16, 32, 32]
 ITERATIONS_PER_EPOCH, VAL_ITERATIONS_PER_EPOCH = 250, 50  # nnU-Net's epoch, for the extrapolated epoch time
 TARGETS = {"epoch_time_ratio_max": 1.5, "one_case_tta_speedup_min": 4.0, "folder_speedup_min": 4.0,
            "recompilations_after_warmup_max": 0}
@@ -103,7 +103,8 @@ def _training_summary(metrics: dict) -> dict:
             **metrics}
 
 
-def run(args, p: dict) -> dict:
+def run(args, p: dict, result: dict) -> dict:
+    """The four stages; fills `result` as it goes, so a failure still leaves what was measured before it."""
     out = os.path.abspath(args.out)
     t_start = time.perf_counter()
     time_left = lambda: p["budget_s"] - (time.perf_counter() - t_start)
@@ -120,7 +121,7 @@ def run(args, p: dict) -> dict:
     env, workers = dict(os.environ), max(1, min(12, os.cpu_count() or 1))
     # smoke: augmentation in-process, no worker pool on a small CPU (the planner cannot take 0, training can)
     train_env = {**env, "nnUNet_n_proc_DA": "0", "GFSCREEN_CHECK_MIRRORING": "0"} if args.profile == "smoke" else env
-    result = {"profile": args.profile, "settings": p, "stages": {}, "targets": TARGETS}
+    result.update(profile=args.profile, settings=p, stages={}, targets=TARGETS)
 
     t = time.perf_counter()
     raw_folder = make_dataset(folders["raw"], p["shape"], p["n_train"], p["n_test"], workers)
@@ -153,7 +154,10 @@ def run(args, p: dict) -> dict:
     import torch
     from gpu_check_inference import load_predictors, run_inference, speedups
     from nnunetv2_gfscreen.predictors.cli import _device
-    device = _device(p["device"])
+    try:
+        device = _device(p["device"])  # the CLIs' thread settings (1 torch thread with CUDA)
+    except RuntimeError:  # interop threads can only be set before torch's first parallel work
+        device = torch.device(p["device"])
     t = time.perf_counter()
     test_folder = os.path.join(raw_folder, "imagesTs")
     one = [os.path.join(test_folder, sorted(os.listdir(test_folder))[0])]
@@ -235,14 +239,22 @@ def main() -> None:
         import torch
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run with --smoke on a CPU")
-    result = run(args, p)
-    result["table"] = table(result)
-    print(result["table"])
+    result, failed = {}, None
+    try:
+        run(args, p, result)
+        result["table"] = table(result)
+        print(result["table"])
+    except BaseException as e:  # still write what was measured, then fail
+        import traceback
+        failed, result["error"] = e, traceback.format_exc()
     path = os.path.join(args.out, "gpu_check.json")
+    os.makedirs(args.out, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
+    if failed is not None:
+        raise failed
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 # Measures GFScreenTrainer's epoch time and memory against nnUNetTrainer, recompilations in the final
 # validation, and the four predictors on one CT and a folder (benchmarks/gpu_check.py says how); writes
 # DIR/gpu_check.json and prints a table. On a bare GPU machine (docs/developers.md): wheels carried in .whl/
-# (benchmarks/gpu_wheels.sh downloads them) are installed into /tmp/site first. --smoke: CPU, tiny data.
+# (benchmarks/gpu_wheels.sh downloads them) are installed into /tmp/site first where nnU-Net is missing.
+# --smoke: CPU, tiny data.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! "$PY" -c "import nnunetv2" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
