@@ -62,7 +62,8 @@ def make_dataset(raw: str, shape, n_train: int, n_test: int, workers: int) -> st
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     tasks = [(folder, "Tr", i, tuple(shape)) for i in range(n_train)] + \
             [(folder, "Ts", n_train + i, tuple(shape)) for i in range(n_test)]
-    with multiprocessing.Pool(min(workers, len(tasks))) as pool:
+    # spawn: the GPU run has touched CUDA (is_available) in this process, and a forked child must not inherit that
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
         pool.map(_write_case, tasks)
     dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1},
                     "numTraining": n_train, "file_ending": ".nii.gz", "overwrite_image_reader_writer": "NibabelIO",
