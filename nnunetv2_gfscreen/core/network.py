@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
 
 def select_tiles(probabilities: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,8 @@ class GFScreenNetwork(nn.Module):
 
 
 def unwrap_gfscreen_network(network: torch.nn.Module) -> GFScreenNetwork:
-    """The GFScreenNetwork behind a (possibly torch.compile'd) module; TypeError for anything else."""
+    """The GFScreenNetwork behind a (possibly DDP-wrapped, torch.compile'd) module; TypeError for anything else."""
+    network = network.module if isinstance(network, DistributedDataParallel) else network
     net = network._orig_mod if isinstance(network, OptimizedModule) else network
     if not isinstance(net, GFScreenNetwork):
         raise TypeError(f"GF-Screen gating needs a GFScreenNetwork (a model trained with GFScreenTrainer or a "

@@ -29,6 +29,7 @@ from nnunetv2_gfscreen.core.glance import build_glance
 from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
+from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
 from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_transforms
@@ -41,7 +42,7 @@ from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "threshold")
 
 
-class GFScreenTrainer(nnUNetTrainer):
+class GFScreenTrainer(GFScreenDDPMixin, nnUNetTrainer):
     """The full method. The paper's ablation arms (variants.py) override `compute_rewards`, `glance_objective` or
     `grl_alpha`; `settings_overrides` changes GF-Screen settings for a variant (not those that shape the network)."""
     settings_overrides: dict = {}
@@ -49,6 +50,7 @@ class GFScreenTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self._keep_cpu_under_gloo(device)
         self._refuse_unsupported_modes()
         plans_settings = self.configuration_manager.configuration.get("gfscreen", {}) or {}
         self.gfscreen = GFScreenSettings.from_dict({**plans_settings, **self.settings_overrides})
@@ -67,9 +69,6 @@ class GFScreenTrainer(nnUNetTrainer):
             raise ValueError(f"{self.__class__.__name__}.settings_overrides sets {network_keys}, which shape the "
                              f"network that inference rebuilds from the plans alone; set them in the plans' "
                              f"gfscreen block instead (nnUNetv2_gfscreen_plan --set)")
-        if self.is_ddp:
-            raise NotImplementedError("GFScreenTrainer does not support multi-GPU (DDP) training yet; "
-                                      "train with one GPU")
         if self.label_manager.has_regions:
             raise NotImplementedError("GFScreenTrainer needs label-based training (FLARE-style 0/1 labels); "
                                       "region-based training is not supported")
@@ -163,7 +162,7 @@ class GFScreenTrainer(nnUNetTrainer):
         pred_fg = []
         with self._autocast():
             for chunk in torch.split(group_data, max(1, self.batch_size)):
-                out = self.network(chunk)
+                out = self.local_network()(chunk)  # no gradient: past the DDP wrapper
                 pred_fg.append(self._foreground(out[0] if isinstance(out, list) else out))
         return torch.cat(pred_fg)
 
@@ -210,7 +209,7 @@ class GFScreenTrainer(nnUNetTrainer):
         net = self._gfscreen_network()
         glance_input = intensity_augmentation(group_data, self.gfscreen.glance_aug_p)
         with self._autocast():
-            glance_logits, dense_logits = self.policy_glance.forward_dense(glance_input)
+            glance_logits, dense_logits = self.policy_forward(glance_input)  # through its DDP wrapper if any
             glance_logits = glance_logits.float()
             with torch.no_grad():
                 ref_logits = self.reference_glance(glance_input).float()
@@ -264,7 +263,7 @@ class GFScreenTrainer(nnUNetTrainer):
                                    f"without one, the whole step); the epoch's means leave those values out")
         for key in ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "glance_dense", "mean_reward",
                     "selection_ratio"):
-            values = np.asarray(outputs[key], dtype=np.float64)
+            values = np.asarray(self.gather_values(outputs[key]), dtype=np.float64)
             finite = values[np.isfinite(values)]
             self.logger.log(key, float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
 
@@ -288,7 +287,7 @@ class GFScreenTrainer(nnUNetTrainer):
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         super().on_validation_epoch_end(val_outputs)
-        tp, fn, tn, fp = np.sum([o["glance_counts"] for o in val_outputs], axis=0)
+        tp, fn, tn, fp = self.gather_sum(np.sum([o["glance_counts"] for o in val_outputs], axis=0))
         self.logger.log("glance_sensitivity", float(tp / (tp + fn)) if tp + fn else float("nan"), self.current_epoch)
         self.logger.log("glance_specificity", float(tn / (tn + fp)) if tn + fp else float("nan"), self.current_epoch)
         self._gfscreen_network().gating_enabled = True
@@ -311,13 +310,16 @@ class GFScreenTrainer(nnUNetTrainer):
         window, final_validation.py) after calibrating the gate on the validation cases (the all-cases
         threshold goes into the network and the loaded checkpoint: checkpoint_best.pth with --val_best); each
         case is predicted at its leave-one-case-out threshold (fitted on the other validation cases), so no case
-        is gated at a threshold tuned on itself. Writes nnU-Net's validation/summary.json and gfscreen_gate.json."""
-        if self.local_rank != 0:
-            return super().perform_actual_validation(save_probabilities)
-        result = calibrate_trainer(self, checkpoint_name=self.weights_checkpoint)
+        is gated at a threshold tuned on itself. Writes nnU-Net's validation/summary.json and gfscreen_gate.json.
+        Under DDP rank 0 calibrates, every rank predicts its share of the cases at the broadcast thresholds, and
+        rank 0 writes the gate figures of all of them."""
+        result = self.broadcast_from_rank0(calibrate_trainer(self, checkpoint_name=self.weights_checkpoint)
+                                           if self.local_rank == 0 else None)
         with loco_thresholds_during_validation(self, result), gated_final_validation(self) as cases:
             super().perform_actual_validation(save_probabilities)
-        write_gate_figures(self, cases, self.weights_checkpoint)
+        cases = self.gather_lists(cases)
+        if self.local_rank == 0:
+            write_gate_figures(self, cases, self.weights_checkpoint)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:

@@ -1,0 +1,173 @@
+"""Inference part of the GPU check (benchmarks/gpu_check.py): the four predictors on one CT and on a folder.
+
+In-process, each predictor loaded from its trained model folder exactly as its command loads it
+(`initialize_from_trained_model_folder`):
+  stock dense    nnUNetv2_predict on the nnUNetTrainer model (nnU-Net's three steps timed one by one:
+                 DefaultPreprocessor.run_case, predict_logits_from_preprocessed_data, export_prediction_from_logits)
+  stock gated    the same on the GF-Screen model: `nnUNetv2_predict -tr GFScreenTrainer...`, the network gates itself
+  ours dense     nnUNetv2_predict_gfscreen --dense (phases from its per-case report)
+  ours gated     nnUNetv2_predict_gfscreen --threshold T
+The gate threshold T is the quantile of the Glance's tile scores on the CT that lets `selection` of the tiles
+through (the few-epoch Glance means nothing yet); the stock gated run gets T in its checkpoint parameters.
+Folder throughput: predict_from_files (stock) and predict_folder (ours) with -npp/-nps background workers.
+"""
+import os
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+PREDICTORS = ("stock dense", "stock gated", "ours dense", "ours gated")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Peak:
+    """Peak GPU memory (GiB) allocated inside the block; None on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.gib = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+
+
+def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.device, threshold_selection: float,
+                    probe_case: List[str], work: str) -> Dict[str, object]:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2_gfscreen.predictors.cli import predict_case
+    from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
+
+    on_device = device.type == "cuda"
+    kw = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=on_device,
+              device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    preds = {"stock dense": nnUNetPredictor(**kw), "stock gated": nnUNetPredictor(**kw),
+             "ours dense": GFScreenPredictor(**kw, dense=True), "ours gated": GFScreenPredictor(**kw)}
+    preds["stock dense"].initialize_from_trained_model_folder(stock_folder, (0,), "checkpoint_final.pth")
+    for name in ("stock gated", "ours dense", "ours gated"):
+        preds[name].initialize_from_trained_model_folder(gfscreen_folder, (0,), "checkpoint_final.pth")
+    # the threshold that lets `threshold_selection` of this CT's tiles through
+    preds["ours dense"].use_mirroring = False
+    os.makedirs(os.path.join(work, "probe"), exist_ok=True)
+    report = predict_case(preds["ours dense"], probe_case, os.path.join(work, "probe", "case"),
+                          os.path.join(work, "probe_reports"))
+    scores = np.array([t["score"] for t in report["tiles"]], dtype=np.float64)
+    threshold = float(np.quantile(scores, 1 - threshold_selection))
+    preds["ours gated"].threshold = threshold
+    for params in preds["stock gated"].list_of_parameters:
+        params["threshold"] = torch.tensor(threshold, dtype=torch.float64)
+    preds["threshold"] = threshold
+    preds["probe_tiles"] = len(scores)
+    return preds
+
+
+def _stock_case(p, files: List[str], out_truncated: str, device: torch.device) -> Dict[str, float]:
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    t0 = time.perf_counter()
+    pre = p.configuration_manager.preprocessor_class(verbose=False)
+    data, _, props = pre.run_case(files, None, p.plans_manager, p.configuration_manager, p.dataset_json)
+    data = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    t1 = time.perf_counter()
+    logits = p.predict_logits_from_preprocessed_data(data).cpu()
+    _sync(device)
+    t2 = time.perf_counter()
+    export_prediction_from_logits(logits, props, p.configuration_manager, p.plans_manager, p.dataset_json,
+                                  out_truncated, False)
+    t3 = time.perf_counter()
+    return {"preprocess": t1 - t0, "sliding_window": t2 - t1, "export": t3 - t2, "total": t3 - t0}
+
+
+def one_case(name: str, p, files: List[str], work: str, device: torch.device) -> dict:
+    """One CT end to end (read .. mask written), with its phases and the share of tiles the Focus saw."""
+    from nnunetv2_gfscreen.core.network import unwrap_gfscreen_network
+    from nnunetv2_gfscreen.predictors.cli import predict_case
+    out = os.path.join(work, name.replace(" ", "_") + ("_tta" if p.use_mirroring else ""), "case")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with Peak(device) as peak:
+        if name.startswith("stock"):
+            net = unwrap_gfscreen_network(p.network) if name == "stock gated" else None
+            before = (net.tiles_scored, net.tiles_selected) if net is not None else None
+            phases = _stock_case(p, files, out, device)
+            selection = None if net is None else \
+                (net.tiles_selected - before[1]) / max(1, net.tiles_scored - before[0])
+        else:
+            rep = predict_case(p, files, out, os.path.join(work, "reports"))
+            phases = {"preprocess": rep["preprocess_seconds"], "sliding_window": rep["sliding_window_seconds"],
+                      "export": rep["export_seconds"], "total": rep["total_seconds"]}
+            selection = rep["selection_ratio"]
+    return {"predictor": name, "tta": bool(p.use_mirroring), **phases, "selection_ratio": selection,
+            "peak_gpu_memory_gib": peak.gib}
+
+
+def folder(name: str, p, in_folder: str, work: str, device: torch.device, npp: int, nps: int) -> dict:
+    from nnunetv2_gfscreen.predictors.cli import predict_folder
+    out = os.path.join(work, "folder_" + name.replace(" ", "_"))
+    n = len([f for f in os.listdir(in_folder) if f.endswith("_0000.nii.gz")])
+    with Peak(device) as peak:
+        t0 = time.perf_counter()
+        if name.startswith("stock"):
+            p.predict_from_files(in_folder, out, save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=npp, num_processes_segmentation_export=nps)
+        else:
+            predict_folder(p, in_folder, out, num_processes_preprocessing=npp, num_processes_segmentation_export=nps)
+        wall = time.perf_counter() - t0
+    return {"predictor": name, "tta": bool(p.use_mirroring), "cases": n, "seconds": wall,
+            "cases_per_minute": 60 * n / wall, "peak_gpu_memory_gib": peak.gib}
+
+
+def run_inference(preds: dict, case_files: List[str], in_folder: str, work: str, device: torch.device, npp: int,
+                  nps: int, time_left: Callable[[], float]) -> dict:
+    """Warm-up, one CT with TTA on and off, then the folder with TTA; a run that would not fit in the remaining
+    budget (estimated from the runs so far) is skipped and listed as such."""
+    result = {"one_case": [], "folder": [], "skipped": []}
+    for name in PREDICTORS:  # warm-up: CUDA kernels, cudnn autotuning, caches
+        preds[name].use_mirroring = False
+        one_case(name, preds[name], case_files, os.path.join(work, "warm"), device)
+    longest: Dict[str, float] = {}
+    for tta in (True, False):
+        for name in PREDICTORS:
+            estimate = longest.get(name, 0.0)
+            if time_left() < estimate:
+                result["skipped"].append(f"one case {name} TTA {tta}: budget")
+                continue
+            preds[name].use_mirroring = tta
+            row = one_case(name, preds[name], case_files, work, device)
+            longest[name] = max(longest.get(name, 0.0), row["total"])
+            result["one_case"].append(row)
+    n = len([f for f in os.listdir(in_folder) if f.endswith("_0000.nii.gz")])
+    for name in PREDICTORS:
+        estimate = 0.5 * n * longest.get(name, 0.0)
+        if time_left() < estimate:
+            result["skipped"].append(f"folder {name}: budget (about {estimate:.0f} s needed)")
+            continue
+        preds[name].use_mirroring = True
+        result["folder"].append(folder(name, preds[name], in_folder, work, device, npp, nps))
+    return result
+
+
+def speedups(result: dict) -> Dict[str, Optional[float]]:
+    """Stock dense time over each other predictor's, per TTA setting (one case) and for the folder."""
+    out: Dict[str, Optional[float]] = {}
+    for tta in (True, False):
+        rows = {r["predictor"]: r["total"] for r in result["one_case"] if r["tta"] == tta}
+        for name in PREDICTORS[1:]:
+            base, t = rows.get("stock dense"), rows.get(name)
+            out[f"one_case_tta_{'on' if tta else 'off'}_{name.replace(' ', '_')}"] = base / t if base and t else None
+    rows = {r["predictor"]: r["seconds"] for r in result["folder"]}
+    for name in PREDICTORS[1:]:
+        base, t = rows.get("stock dense"), rows.get(name)
+        out[f"folder_{name.replace(' ', '_')}"] = base / t if base and t else None
+    return out
