@@ -30,19 +30,18 @@ from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
-from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
 from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_transforms
-from nnunetv2_gfscreen.trainers.final_validation import gated_final_validation, write_gate_figures
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
+from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
 NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "threshold")
 
 
-class GFScreenTrainer(GFScreenDDPMixin, nnUNetTrainer):
+class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
     """The full method. The paper's ablation arms (variants.py) override `compute_rewards`, `glance_objective` or
     `grl_alpha`; `settings_overrides` changes GF-Screen settings for a variant (not those that shape the network)."""
     settings_overrides: dict = {}
@@ -266,60 +265,6 @@ class GFScreenTrainer(GFScreenDDPMixin, nnUNetTrainer):
             values = np.asarray(self.gather_values(outputs[key]), dtype=np.float64)
             finite = values[np.isfinite(values)]
             self.logger.log(key, float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
-
-    # ------------------------------------------------------------------ validation
-    def on_validation_epoch_start(self):
-        super().on_validation_epoch_start()
-        self._gfscreen_network().gating_enabled = False  # online validation measures the Focus itself
-
-    def validation_step(self, batch: dict) -> dict:
-        """nnU-Net's validation step plus the Glance's tile confusion counts on the validation patches."""
-        net = self._gfscreen_network()
-        data, target = self._to_device(batch["data"], batch["target"])
-        with self._autocast():
-            selected = net.glance_probabilities(data) > net.threshold
-        lesion = self._lesion_masks(target[0] if isinstance(target, list) else target)[0].flatten(1).any(1)
-        # tensors already on the device: nnU-Net's own .to() calls are then no-ops, not second copies
-        out = super().validation_step({**batch, "data": data, "target": target})
-        out["glance_counts"] = np.array([(selected & lesion).sum().item(), (~selected & lesion).sum().item(),
-                                         (~selected & ~lesion).sum().item(), (selected & ~lesion).sum().item()])
-        return out
-
-    def on_validation_epoch_end(self, val_outputs: List[dict]):
-        super().on_validation_epoch_end(val_outputs)
-        tp, fn, tn, fp = self.gather_sum(np.sum([o["glance_counts"] for o in val_outputs], axis=0))
-        self.logger.log("glance_sensitivity", float(tp / (tp + fn)) if tp + fn else float("nan"), self.current_epoch)
-        self.logger.log("glance_specificity", float(tn / (tn + fp)) if tn + fp else float("nan"), self.current_epoch)
-        self._gfscreen_network().gating_enabled = True
-
-    def on_epoch_end(self):
-        get = lambda k: np.round(self.logger.get_value(k, step=-1), decimals=4)
-        self.print_to_log_file(f"seg_loss {get('seg_losses')}, GRL {get('grl_losses')} (clip {get('grl_clip')}, "
-                               f"kl {get('grl_kl')}, ce {get('grl_ce')}), Glance dense {get('glance_dense')}, mean reward {get('mean_reward')}, "
-                               f"selection ratio {get('selection_ratio')}")
-        self.print_to_log_file(f"Glance on validation patches: sensitivity {get('glance_sensitivity')}, "
-                               f"specificity {get('glance_specificity')}")
-        super().on_epoch_end()
-
-    def on_train_end(self):
-        super().on_train_end()
-        self.weights_checkpoint = "checkpoint_final.pth"  # the live weights are the final ones now
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation, predicted the way `nnUNetv2_predict_gfscreen` predicts (the gated sliding
-        window, final_validation.py) after calibrating the gate on the validation cases (the all-cases
-        threshold goes into the network and the loaded checkpoint: checkpoint_best.pth with --val_best); each
-        case is predicted at its leave-one-case-out threshold (fitted on the other validation cases), so no case
-        is gated at a threshold tuned on itself. Writes nnU-Net's validation/summary.json and gfscreen_gate.json.
-        Under DDP rank 0 calibrates, every rank predicts its share of the cases at the broadcast thresholds, and
-        rank 0 writes the gate figures of all of them."""
-        result = self.broadcast_from_rank0(calibrate_trainer(self, checkpoint_name=self.weights_checkpoint)
-                                           if self.local_rank == 0 else None)
-        with loco_thresholds_during_validation(self, result), gated_final_validation(self) as cases:
-            super().perform_actual_validation(save_probabilities)
-        cases = self.gather_lists(cases)
-        if self.local_rank == 0:
-            write_gate_figures(self, cases, self.weights_checkpoint)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
