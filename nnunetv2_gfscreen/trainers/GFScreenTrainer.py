@@ -157,12 +157,7 @@ class GFScreenTrainer(nnUNetTrainer):
             foreground_labels=self.label_manager.foreground_labels, regions=regions,
             ignore_label=self.label_manager.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                                self.oversample_foreground_percent, self.gfscreen.group_size,
-                                self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
-                                group_transforms=self.get_group_transforms(mirror_axes),
-                                probabilistic_oversampling=self.probabilistic_oversampling,
-                                tile_step_size=self.gfscreen.tile_step_size)
+        dl_tr = self.build_group_loader(dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes)
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
                                   transforms=val_transforms,
@@ -178,6 +173,16 @@ class GFScreenTrainer(nnUNetTrainer):
         _ = next(mt_gen_train)
         _ = next(mt_gen_val)
         return mt_gen_train, mt_gen_val
+
+    def build_group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms,
+                           mirror_axes) -> GroupDataLoader:
+        """The training loader (nnU-Net's Focus batch plus the GRL groups); variants may return a subclass."""
+        return GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                               self.oversample_foreground_percent, self.gfscreen.group_size,
+                               self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
+                               group_transforms=self.get_group_transforms(mirror_axes),
+                               probabilistic_oversampling=self.probabilistic_oversampling,
+                               tile_step_size=self.gfscreen.tile_step_size)
 
     @staticmethod
     def get_group_transforms(mirror_axes) -> ComposeTransforms:
