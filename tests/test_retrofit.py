@@ -33,7 +33,7 @@ def retrofitted(planned_dataset):
     plans["plans_name"] = PLANS
     plans["configurations"] = {CONFIG: plans["configurations"][CONFIG]}   # no gfscreen block: default settings
     (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
-    env = training_env(planned_dataset["env"])
+    env = {**training_env(planned_dataset["env"]), "nnUNet_def_n_proc": "1"}   # no export pool of 8 processes
     run_cli(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", SOURCE_TR, "-p", PLANS, "-device", "cpu"], env)
     proc = run_cli(["nnUNetv2_gfscreen_retrofit", "-d", str(DATASET_ID), "-c", CONFIG, "-f", "0", "-tr", SOURCE_TR,
                     "-p", PLANS, "-gtr", RETRO_TR, "-device", "cpu"], env)
@@ -66,7 +66,7 @@ def test_retrofit_freezes_the_focus_and_trains_the_glance(retrofitted):
 
 def _predict(cli, model_args, inputs, out, env, *extra):
     run_cli([cli, "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c", CONFIG, "-f", "0", "-p", PLANS,
-             "-device", "cpu", "--disable_tta", *model_args, *extra], env)
+             "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", *model_args, *extra], env)
 
 
 def test_both_predictors_run_it_gated_and_dense_equals_the_original(retrofitted, tmp_path):
