@@ -11,6 +11,7 @@ Then: retrofit total = cache + retrofit epochs x 250 iterations, Focus training 
 Validation is left out of both (nnU-Net runs 50 validation iterations per epoch in each).
 
   python benchmarks/bench_retrofit.py --iterations 10 --out retrofit.json
+  python benchmarks/bench_retrofit.py --planned_network     # nnU-Net's planned network and patch for the data
 """
 import argparse
 import json
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--planned_network", action="store_true",
+                        help="keep nnU-Net's planned 3d_fullres network and patch (32-320 features) instead of the CPU plans")
     parser.add_argument("--root", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="JSON output file")
     args = parser.parse_args()
@@ -56,7 +59,6 @@ def main() -> None:
     from tests.nnunet_fixtures import make_planned_dataset, nnunet_env, PATCH
     for k, v in nnunet_env(root).items():
         os.environ[k] = v
-    os.environ["nnUNet_n_proc_DA"] = "0"
     from nnunetv2.run.run_training import maybe_load_checkpoint
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
@@ -64,8 +66,10 @@ def main() -> None:
     from nnunetv2_gfscreen.trainers import GFScreenTrainer, GFScreenTrainer_Retrofit
 
     data = make_planned_dataset(root)
-    plans = shrink_configuration_for_cpu(json.loads(data["plans_file"].read_text()), "3d_fullres", PATCH,
-                                         CPU_ARCH_KWARGS, batch_size=2)
+    os.environ["nnUNet_n_proc_DA"] = "0"   # after planning: nnU-Net's planner cannot take 0
+    plans = json.loads(data["plans_file"].read_text())
+    if not args.planned_network:
+        plans = shrink_configuration_for_cpu(plans, "3d_fullres", PATCH, CPU_ARCH_KWARGS, batch_size=2)
     plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}   # default GF-Screen settings
     dataset_json = json.loads((data["dataset_folder"] / "dataset.json").read_text())
     device = torch.device(args.device)
@@ -99,7 +103,9 @@ def main() -> None:
     summary["retrofit_share_of_focus_training"] = summary["retrofit_total_s"] / summary["focus_training_s"]
     out = {"machine": machine_description(), "device": str(device), "load_average_before": load_before,
            "load_average_after": os.getloadavg(), "iterations_timed": args.iterations, "per_iteration": result,
-           "summary": summary, "patch_size": PATCH, "settings": retro.gfscreen.to_dict()}
+           "summary": summary, "planned_network": args.planned_network,
+           "patch_size": plans["configurations"]["3d_fullres"]["patch_size"],
+           "features_per_stage": plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"], "settings": retro.gfscreen.to_dict()}
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
