@@ -58,8 +58,9 @@ def test_retrofit_freezes_the_focus_and_trains_the_glance(retrofitted):
         assert (retrofitted["retro"] / name).is_file()
     assert (retrofitted["retro"] / "fold_0" / "gfscreen_calibration.json").is_file()
     # one cached prediction per training case of fold 0, beside the preprocessed data
-    caches = list(retrofitted["dataset_folder"].glob("*_gfscreen_focus_cache/*/cache.json"))
-    assert len(caches) == 1
+    caches = [p for p in retrofitted["dataset_folder"].glob("*_gfscreen_focus_cache/*/cache.json")
+              if str(retrofitted["source"]) in json.loads(p.read_text())["source"]["checkpoint"]]
+    assert len(caches) == 1                                # other tests may cache other models' predictions
     splits = json.loads((retrofitted["dataset_folder"] / "splits_final.json").read_text())[0]
     assert {p.stem for p in caches[0].parent.glob("*.npz")} == set(splits["train"])
 

@@ -29,7 +29,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import REWARDS, GFScreenTrainer
 from nnunetv2_gfscreen.trainers.focus_cache import build_focus_cache, cache_fingerprint, cache_folder, load_foreground
-from nnunetv2_gfscreen.trainers.glance_training import dense_lesion_loss, intensity_augmentation
+from nnunetv2_gfscreen.trainers.glance_training import cosine_lr, dense_lesion_loss, intensity_augmentation
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 
 
@@ -65,7 +65,6 @@ class _CosineGlanceSchedule:
         self.trainer = trainer
 
     def step(self, epoch: Optional[int] = None):
-        from nnunetv2_gfscreen.trainers.glance_training import cosine_lr
         lr = cosine_lr(self.trainer.gfscreen.glance_lr, epoch or 0, self.trainer.num_epochs)
         for group in self.trainer.glance_optimizer.param_groups:
             group["lr"] = lr
