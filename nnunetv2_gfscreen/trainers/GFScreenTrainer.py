@@ -32,6 +32,7 @@ from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
 from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_transforms
+from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
@@ -134,6 +135,16 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
         """nnU-Net's loaders, except that training batches are groups of sub-volumes per CT (dataloaders.py)."""
         return build_dataloaders(self)
 
+    def build_group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms,
+                           mirror_axes) -> GroupDataLoader:
+        """The training loader (nnU-Net's Focus batch plus the GRL groups); variants may return a subclass."""
+        return GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                               self.oversample_foreground_percent, self.gfscreen.group_size,
+                               self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
+                               group_transforms=self.get_group_transforms(mirror_axes),
+                               probabilistic_oversampling=self.probabilistic_oversampling,
+                               tile_step_size=self.gfscreen.tile_step_size)
+
     @staticmethod
     def get_group_transforms(mirror_axes) -> ComposeTransforms:
         """Transforms of the GRL group's sub-volumes (dataloaders.group_transforms)."""
@@ -187,20 +198,28 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         return data.to(self.device, non_blocking=True), target
 
-    def train_step(self, batch: dict) -> dict:
-        """nnU-Net's Focus step on its own batch, plus the GRL step of the Glance on the batch's groups."""
+    def focus_loss(self, batch: dict) -> Optional[torch.Tensor]:
+        """nnU-Net's Dice+CE of the Focus on nnU-Net's own batch (None: the Focus does not train, as in the retrofit)."""
         data, target = self._to_device(batch["data"], batch["target"])
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            return self.loss(self.network(data), target)
+
+    def group_focus_predictions(self, batch: dict, group_data: torch.Tensor) -> torch.Tensor:
+        """The Focus's lesion prediction of every group tile, from which the rewards come."""
+        return self._group_predictions(group_data)
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's Focus step on its own batch (`focus_loss`), plus the GRL step of the Glance on the batch's
+        groups, rewarded by the Focus's predictions of them (`group_focus_predictions`)."""
         group_data = batch["group_data"].to(self.device, non_blocking=True)
         group_target = batch["group_target"].to(self.device, non_blocking=True)
         group_ids = batch["group_ids"].to(self.device, non_blocking=True)
         group_lesion = batch["group_lesion"].to(self.device, non_blocking=True) if "group_lesion" in batch else None
 
-        self.optimizer.zero_grad(set_to_none=True)
         self.glance_optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            seg_loss = self.loss(self.network(data), target)
-
-        pred_fg = self._group_predictions(group_data)
+        seg_loss = self.focus_loss(batch)
+        pred_fg = self.group_focus_predictions(batch, group_data)
         gt_fg, valid = self._lesion_masks(group_target)
         rewards = self.compute_rewards(pred_fg, gt_fg, valid)
         # the Glance's label: lesion in the tile's central region (group_sampling.py); any lesion voxel otherwise
@@ -215,30 +234,32 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
         glance_terms = self.glance_objective(glance_logits, ref_logits, rewards, lesion, group_ids)
         dense_loss = dense_lesion_loss(dense_logits, gt_fg) if dense_logits is not None \
             else glance_logits.new_zeros(())
-        loss = seg_loss + glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
+        loss = glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
+        trained = [(self.policy_glance, self.glance_optimizer)]
+        if seg_loss is not None:
+            loss = seg_loss + loss
+            trained.append((net.focus, self.optimizer))
 
-        optimizers = (self.optimizer, self.glance_optimizer)
         # a non-finite loss (fp16 overflow of a logit) is not an error: the GradScaler skips the steps of the
         # optimisers whose gradients are not finite, as in nnU-Net; counted on the device, logged per epoch
         self.nonfinite_steps += ~torch.isfinite(loss.detach())
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
-            for opt in optimizers:
+            for module, opt in trained:
                 self.grad_scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.focus.parameters(), 12)
-            torch.nn.utils.clip_grad_norm_(self.policy_glance.parameters(), 12)
-            for opt in optimizers:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
+            for _, opt in trained:
                 self.grad_scaler.step(opt)
             self.grad_scaler.update()
         elif torch.isfinite(loss):  # no scaler: CPU/MPS, where reading the value is no device synchronisation
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.focus.parameters(), 12)
-            torch.nn.utils.clip_grad_norm_(self.policy_glance.parameters(), 12)
-            for opt in optimizers:
+            for module, opt in trained:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
                 opt.step()
         self.update_glance_average()
         selected = torch.sigmoid(glance_logits.detach().double()) > net.threshold
-        values = {"loss": loss, "seg_losses": seg_loss, "glance_dense": dense_loss, "mean_reward": rewards.mean(),
+        values = {"loss": loss, "seg_losses": loss.new_zeros(()) if seg_loss is None else seg_loss,
+                  "glance_dense": dense_loss, "mean_reward": rewards.mean(),
                   "selection_ratio": selected.float().mean(), **glance_terms}
         # one transfer to the host for all of them (nnU-Net's own step reads its loss once, too)
         host = torch.stack([v.detach().float().reshape(()) for v in values.values()]).cpu().numpy()

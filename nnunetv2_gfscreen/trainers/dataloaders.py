@@ -12,7 +12,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
+
 
 
 def group_transforms(mirror_axes) -> ComposeTransforms:
@@ -41,12 +41,7 @@ def build_dataloaders(self) -> tuple:
         foreground_labels=self.label_manager.foreground_labels, regions=regions,
         ignore_label=self.label_manager.ignore_label)
     dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-    dl_tr = GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                            self.oversample_foreground_percent, self.gfscreen.group_size,
-                            self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
-                            group_transforms=self.get_group_transforms(mirror_axes),
-                            probabilistic_oversampling=self.probabilistic_oversampling,
-                            tile_step_size=self.gfscreen.tile_step_size)
+    dl_tr = self.build_group_loader(dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes)
     dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                               oversample_foreground_percent=self.oversample_foreground_percent,
                               transforms=val_transforms,
