@@ -31,7 +31,7 @@ from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, un
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
-from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_transforms
+from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_loader, group_transforms
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
@@ -138,12 +138,7 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
     def build_group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms,
                            mirror_axes) -> GroupDataLoader:
         """The training loader (nnU-Net's Focus batch plus the GRL groups); variants may return a subclass."""
-        return GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                               self.oversample_foreground_percent, self.gfscreen.group_size,
-                               self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
-                               group_transforms=self.get_group_transforms(mirror_axes),
-                               probabilistic_oversampling=self.probabilistic_oversampling,
-                               tile_step_size=self.gfscreen.tile_step_size)
+        return group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes)
 
     @staticmethod
     def get_group_transforms(mirror_axes) -> ComposeTransforms:

@@ -11,6 +11,7 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 
 
 
@@ -57,3 +58,13 @@ def build_dataloaders(self) -> tuple:
     _ = next(mt_gen_train)
     _ = next(mt_gen_val)
     return mt_gen_train, mt_gen_val
+
+
+def group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes) -> GroupDataLoader:
+    """GFScreenTrainer's training loader: nnU-Net's Focus batch plus the GRL groups (`self` is the trainer)."""
+    return GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                           self.oversample_foreground_percent, self.gfscreen.group_size,
+                           self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
+                           group_transforms=self.get_group_transforms(mirror_axes),
+                           probabilistic_oversampling=self.probabilistic_oversampling,
+                           tile_step_size=self.gfscreen.tile_step_size)
