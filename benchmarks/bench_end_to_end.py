@@ -25,11 +25,13 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+
+from timing import Peak, sync as _sync
 
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -71,30 +73,6 @@ def _write_cases(folder: str, n: int, shape, spacing_zyx) -> List[str]:
         sitk.WriteImage(img, path, True)
         files.append(path)
     return files
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _Peak:
-    """Peak GPU memory (GiB) allocated inside the block; None on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.gib = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
 
 
 def _stock(pm, cm, net, device, tta: bool) -> nnUNetPredictor:
@@ -171,12 +149,12 @@ def run(args) -> dict:
     for tta in args.tta:
         stock = _stock(pm, cm, net, device, tta)
         _stock_phases(stock, [files[0]], os.path.join(work, "warm_stock"), device)  # warm-up (cudnn, caches)
-        with _Peak(device) as peak:
+        with Peak(device) as peak:
             phases = _stock_phases(stock, [files[0]], os.path.join(work, "stock_one"), device)
         row = {"predictor": "stock nnUNetv2_predict", "tta": tta, "one_case": phases, "one_case_peak_gib": peak.gib}
         row["one_case_command_seconds"] = _stock_folder(stock, one_folder, os.path.join(work, "stock_one_cmd"),
                                                         1, 1)
-        with _Peak(device) as peak:
+        with Peak(device) as peak:
             wall = _stock_folder(stock, in_folder, os.path.join(work, "stock_folder"), args.npp, args.nps)
         row.update(folder_seconds=wall, folder_cases_per_minute=60 * args.cases / wall, folder_peak_gib=peak.gib)
         results["runs"].append(row)
@@ -185,7 +163,7 @@ def run(args) -> dict:
             ours = _ours(pm, cm, net, device, tta, threshold, mode)
             rdir = os.path.join(work, "reports")
             predict_case(ours, [files[0]], os.path.join(work, "warm_ours"), rdir)  # warm-up
-            with _Peak(device) as peak:
+            with Peak(device) as peak:
                 rep = predict_case(ours, [files[0]], os.path.join(work, "ours_one"), rdir)
             row = {"predictor": f"nnUNetv2_predict_gfscreen (torch_io {mode}: {ours.use_torch_io})", "tta": tta,
                    "one_case": {"preprocess": rep["preprocess_seconds"],
@@ -193,7 +171,7 @@ def run(args) -> dict:
                                 "export": rep["export_seconds"], "total": rep["total_seconds"]},
                    "one_case_peak_gib": peak.gib, "selection_ratio": rep["selection_ratio"]}
             out = os.path.join(work, f"ours_folder_{mode}")
-            with _Peak(device) as peak:
+            with Peak(device) as peak:
                 t0 = time.perf_counter()
                 predict_folder(ours, in_folder, out, num_processes_preprocessing=args.npp,
                                num_processes_segmentation_export=args.nps)

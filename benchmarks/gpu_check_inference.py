@@ -18,31 +18,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from timing import Peak, sync as _sync  # noqa: F401 (Peak: used below)
+
 PREDICTORS = ("stock dense", "stock gated", "ours dense", "ours gated")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Peak:
-    """Peak GPU memory (GiB) allocated inside the block; None on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.gib = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
 
 
 def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.device, threshold_selection: float,

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tests.nnunet_fixtures import make_planned_dataset
 
@@ -14,3 +15,12 @@ def trained_fold(planned_dataset):
     """GFScreenTrainer_Tiny trained by nnUNetv2_train (killed twice and resumed with --c; e2e_training.py)."""
     from tests.e2e_training import train_with_crashes
     return train_with_crashes(planned_dataset)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (predictions compared bit for bit, and the CI machine has 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,12 +19,7 @@ CPU = torch.device('cpu')
 N_FLIPS = 8
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _net(offset, tilt, axes, focus_seed=0, threshold=0.5):
@@ -140,7 +135,6 @@ def test_pooled_threshold_refuses_contradictory_folds():
 
 
 # ---------------------------------------------------------------------- saved probabilities (item 5)
-import json
 
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 

@@ -1,5 +1,4 @@
 import torch
-from torch import nn
 
 from nnunetv2_gfscreen.core.network import GFScreenNetwork
 from nnunetv2_gfscreen.core.network import select_tiles

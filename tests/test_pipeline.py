@@ -22,7 +22,6 @@ from nnunetv2_gfscreen.predictors.cli import predict_folder
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, \
     SlidingWindowRecord, selected_tiles_bbox
 from nnunetv2_gfscreen.predictors.pipeline import CaseFailedError, run_pipeline
-from nnunetv2_gfscreen.predictors.report import tile_bbox_to_original
 from tests.toy_models import toy_network, toy_plans
 
 _spec = importlib.util.spec_from_file_location('_torch_prepost_cases_pipeline',
@@ -37,12 +36,7 @@ CASE_SHAPE, CASE_SPACING = (20, 70, 60), (2.5, 0.7, 0.7)  # z, y, x; resampled t
 MIN_DICE = 0.99
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _plans():
@@ -121,7 +115,6 @@ def test_torch_io_matches_nnunet_path(dense, inputs, threshold, tmp_path, monkey
     assert len(boxes) == 3 and all(r["torch_io"] for r in ours) and not any(r["torch_io"] for r in ref)
     masks, ref_masks = _masks(tmp_path / "torch"), _masks(tmp_path / "nnunet")
     assert sorted(masks) == ["c0", "c1", "c2"]
-    pm = torch_predictor.plans_manager
     for r, r_ref, box in zip(ours, ref, boxes):
         case = r["case"]
         assert [t["selected"] for t in r["tiles"]] == [t["selected"] for t in r_ref["tiles"]]

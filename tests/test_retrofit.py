@@ -5,7 +5,6 @@ One tiny plain model (nnUNetTrainer_ShortCPU: nnUNetTrainer, 2 x 2 iterations, C
 """
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
