@@ -121,3 +121,14 @@ def test_train_start_gives_the_glance_the_inference_mirror_axes(planned_dataset,
     unmirrored = _trainer(GFScreenTrainer_Tiny, planned_dataset, monkeypatch, tmp_path / "tiny")
     unmirrored.on_train_start()  # trains without mirroring: one Glance pass per tile, as before
     assert unmirrored._gfscreen_network().glance_mirror_axes_tuple == ()
+
+
+def test_a_variant_without_a_docstring_initializes(planned_dataset, monkeypatch, tmp_path):
+    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
+
+    class NoDocstring(GFScreenTrainer_Tiny):
+        pass
+
+    trainer = _trainer(NoDocstring, planned_dataset, monkeypatch, tmp_path)
+    trainer.initialize()  # the settings log line names the trainer; it used to index the docstring's first line
+    assert trainer.was_initialized

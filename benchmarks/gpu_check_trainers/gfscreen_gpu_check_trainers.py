@@ -7,7 +7,6 @@ peak GPU memory of the training, and, for GF-Screen, the torch.compile graphs co
 validation, per validation case (the first case is the warm-up in eval mode without deep supervision; a graph
 compiled in a later case is a recompilation). The nnU-Net baseline skips its final validation (not measured).
 """
-import json
 import os
 import time
 
@@ -15,6 +14,7 @@ import torch
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_gfscreen.atomic import write_json
 from nnunetv2_gfscreen.trainers import GFScreenTrainer
 
 
@@ -30,6 +30,11 @@ def _compiled_graphs() -> int:
 
 
 class _CheckMixin:
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._make_check_schedule()
+
     def _make_check_schedule(self):
         self.num_epochs = int(os.environ.get("GFSCREEN_CHECK_EPOCHS", "2"))
         self.num_iterations_per_epoch = int(os.environ.get("GFSCREEN_CHECK_ITERATIONS", "20"))
@@ -50,10 +55,7 @@ class _CheckMixin:
     def _write_check(self):
         if self.local_rank != 0:
             return
-        path = os.path.join(self.output_folder, "gpu_check_metrics.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.check, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(self.check, os.path.join(self.output_folder, "gpu_check_metrics.json"), indent=2)
 
     def on_train_start(self):
         super().on_train_start()
@@ -86,21 +88,11 @@ class _CheckMixin:
 
 
 class nnUNetTrainer_GPUCheck(_CheckMixin, nnUNetTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self._make_check_schedule()
-
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("GPU check: the baseline's final validation is skipped")
 
 
 class GFScreenTrainer_GPUCheck(_CheckMixin, GFScreenTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self._make_check_schedule()
-
     def perform_actual_validation(self, save_probabilities: bool = False):
         """The trainer's final validation (calibration, then each case at its LOCO threshold), counting the
         torch.compile graphs compiled during each case's sliding window (nnU-Net's predictor, one call per case)."""

@@ -186,7 +186,7 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
         try:
             if save_probabilities:
                 export_with_probabilities(logits, properties, self.configuration_manager, self.plans_manager,
-                                          self.dataset_json, tmp_truncated, num_threads_torch)
+                                          self.dataset_json, tmp_truncated, num_threads_torch, gated=not self.dense)
             else:
                 export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
                                               self.dataset_json, tmp_truncated, False, num_threads_torch)

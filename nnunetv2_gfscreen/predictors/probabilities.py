@@ -30,16 +30,18 @@ def undecided_to_background(probabilities: np.ndarray) -> np.ndarray:
 
 def export_with_probabilities(logits: torch.Tensor, properties: dict, configuration_manager: ConfigurationManager,
                               plans_manager: PlansManager, dataset_json: dict, output_file_truncated: str,
-                              num_threads_torch: int) -> None:
+                              num_threads_torch: int, gated: bool = True) -> None:
     """nnU-Net's `export_prediction_from_logits(..., save_probabilities=True)` (same files: .npz with
-    `probabilities`, .pkl, the mask), with `undecided_to_background` applied to the probabilities."""
+    `probabilities`, .pkl, the mask), with `undecided_to_background` applied to the probabilities when the case
+    was `gated` (a dense prediction skipped nothing: an exact tie of the Focus's logits stays a tie)."""
     label_manager = plans_manager.get_label_manager(dataset_json)
     if label_manager.has_regions:
         raise NotImplementedError("GF-Screen probabilities: region-based (sigmoid) models are not supported")
     segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, plans_manager, configuration_manager, label_manager, properties, return_probabilities=True,
         num_threads_torch=num_threads_torch)
-    np.savez_compressed(output_file_truncated + '.npz', probabilities=undecided_to_background(probabilities))
+    np.savez_compressed(output_file_truncated + '.npz',
+                        probabilities=undecided_to_background(probabilities) if gated else probabilities)
     save_pickle(properties, output_file_truncated + '.pkl')
     rw = plans_manager.image_reader_writer_class()
     rw.write_seg(segmentation, output_file_truncated + dataset_json['file_ending'], properties)

@@ -110,8 +110,9 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
     def initialize(self):
         super().initialize()
         self.reference_glance = deepcopy(self.policy_glance).requires_grad_(False)
-        self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; "
-                               f"{(type(self).__doc__ or '').strip().splitlines()[0]}")
+        doc = (type(self).__doc__ or "").strip().splitlines()
+        self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; trainer {type(self).__name__}"
+                               + (f": {doc[0]}" if doc else ""))
 
     def on_train_start(self):
         """nnU-Net's start (it sets `inference_allowed_mirroring_axes` while building the loaders), then the
