@@ -1,6 +1,6 @@
 """A tiny synthetic nnU-Net dataset, planned and preprocessed by nnU-Net's own CLI, for the CPU tests.
 
-The planned 3d_fullres patch covers the whole small volume (NNUNET_NOTES: tiles only exist when the
+The planned 3d_fullres patch covers the whole small volume (docs/nnunet_internals.md, section 8: tiles only exist when the
 volume is larger than the patch), so the GF-Screen configuration gets a smaller patch and a narrow
 network, as a user would edit plans for a quick CPU run.
 """
