@@ -174,3 +174,19 @@ def test_retrofit_command_exits_with_the_reason(retro):
     proc = subprocess.run([str(exe), "-d", str(retro["dataset_folder"].name), "-c", CONFIG, "-f", "all",
                            "-p", PLANS, "-device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "missing checkpoint" in proc.stderr and "fold_all" in proc.stderr
+
+
+def test_retrofit_trainer_is_found_like_nnunet_finds_trainers(tmp_path, monkeypatch):
+    """-gtr may name a variant in a folder of nnUNet_extTrainer, as -tr may for nnUNetv2_train."""
+    from nnunetv2_gfscreen.trainers.retrofit_cli import find_retrofit_trainer
+
+    folder = tmp_path / "my_trainers"
+    folder.mkdir()
+    (folder / "my_retrofit_variants.py").write_text(
+        "from nnunetv2_gfscreen.trainers.retrofit import GFScreenTrainer_Retrofit\n\n\n"
+        "class GFScreenTrainer_RetrofitMine(GFScreenTrainer_Retrofit):\n    retrofit_epochs = 3\n")
+    monkeypatch.setenv("nnUNet_extTrainer", str(folder) + os.pathsep + os.environ.get("nnUNet_extTrainer", ""))
+    assert find_retrofit_trainer("GFScreenTrainer_RetrofitMine").retrofit_epochs == 3
+    assert find_retrofit_trainer("GFScreenTrainer_Retrofit").__name__ == "GFScreenTrainer_Retrofit"
+    with pytest.raises(SystemExit, match="not a GFScreenTrainer_Retrofit variant"):
+        find_retrofit_trainer("nnUNetTrainer")

@@ -88,13 +88,28 @@ def check_source_model(results_dataset_folder: str, preprocessed_dataset_folder:
     return checkpoint
 
 
+def find_retrofit_trainer(name: str) -> type:
+    """The `-gtr` class, found as `nnUNetv2_train -tr` finds trainers (ours, nnU-Net's, nnUNet_extTrainer's);
+    SystemExit naming the problem unless it is a GFScreenTrainer_Retrofit variant."""
+    import nnunetv2_gfscreen.trainers as gfscreen_trainers  # heavy: imported when the command runs
+    from nnunetv2_gfscreen.trainers.retrofit import GFScreenTrainer_Retrofit
+    trainer_class = getattr(gfscreen_trainers, name, None)
+    if trainer_class is None:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        try:
+            trainer_class = recursive_find_trainer_class_by_name(name)
+        except Exception:  # nnU-Net raises a bare RuntimeError with its search path
+            trainer_class = None
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, GFScreenTrainer_Retrofit)):
+        raise SystemExit(f"-gtr {name} is not a GFScreenTrainer_Retrofit variant (searched our trainers, nnU-Net's "
+                         f"and the folders in nnUNet_extTrainer)")
+    return trainer_class
+
+
 def retrofit_entry_point():
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.run.run_training import run_training
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    import nnunetv2_gfscreen.trainers as gfscreen_trainers
-    from nnunetv2_gfscreen.trainers.retrofit import GFScreenTrainer_Retrofit
-
     parser = argparse.ArgumentParser(description="Train a GF-Screen Glance for an already trained nnU-Net model "
                                                  "(its network becomes the frozen Focus).")
     parser.add_argument("-d", required=True, help="dataset name or id")
@@ -110,9 +125,7 @@ def retrofit_entry_point():
     parser.add_argument("--c", action="store_true", dest="continue_training", help="continue an interrupted retrofit")
     args = parser.parse_args()
 
-    trainer_class = getattr(gfscreen_trainers, args.gtr, None)
-    if not (isinstance(trainer_class, type) and issubclass(trainer_class, GFScreenTrainer_Retrofit)):
-        raise SystemExit(f"-gtr {args.gtr} is not a GFScreenTrainer_Retrofit variant")
+    find_retrofit_trainer(args.gtr)
     dataset = maybe_convert_to_dataset_name(args.d)
     try:
         checkpoint = check_source_model(os.path.join(str(nnUNet_results), dataset),
