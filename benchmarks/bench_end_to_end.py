@@ -25,15 +25,14 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from timing import Peak, sync as _sync
+from timing import Peak, stock_case_phases
 
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -92,21 +91,6 @@ def _ours(pm, cm, net, device, tta: bool, threshold: float, torch_io: str, dense
     return p
 
 
-def _stock_phases(p: nnUNetPredictor, files: List[str], out_truncated: str, device) -> Dict[str, float]:
-    t0 = time.perf_counter()
-    pre = p.configuration_manager.preprocessor_class(verbose=False)
-    data, _, props = pre.run_case(files, None, p.plans_manager, p.configuration_manager, p.dataset_json)
-    data = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-    t1 = time.perf_counter()
-    logits = p.predict_logits_from_preprocessed_data(data).cpu()
-    _sync(device)
-    t2 = time.perf_counter()
-    export_prediction_from_logits(logits, props, p.configuration_manager, p.plans_manager, p.dataset_json,
-                                  out_truncated, False)
-    t3 = time.perf_counter()
-    return {"preprocess": t1 - t0, "sliding_window": t2 - t1, "export": t3 - t2, "total": t3 - t0}
-
-
 def _stock_folder(p: nnUNetPredictor, in_folder: str, out_folder: str, npp: int, nps: int) -> float:
     t0 = time.perf_counter()
     p.predict_from_files(in_folder, out_folder, save_probabilities=False, overwrite=True,
@@ -148,9 +132,9 @@ def run(args) -> dict:
                "runs": []}
     for tta in args.tta:
         stock = _stock(pm, cm, net, device, tta)
-        _stock_phases(stock, [files[0]], os.path.join(work, "warm_stock"), device)  # warm-up (cudnn, caches)
+        stock_case_phases(stock, [files[0]], os.path.join(work, "warm_stock"), device)  # warm-up (cudnn, caches)
         with Peak(device) as peak:
-            phases = _stock_phases(stock, [files[0]], os.path.join(work, "stock_one"), device)
+            phases = stock_case_phases(stock, [files[0]], os.path.join(work, "stock_one"), device)
         row = {"predictor": "stock nnUNetv2_predict", "tta": tta, "one_case": phases, "one_case_peak_gib": peak.gib}
         row["one_case_command_seconds"] = _stock_folder(stock, one_folder, os.path.join(work, "stock_one_cmd"),
                                                         1, 1)

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from timing import Peak, sync as _sync  # noqa: F401 (Peak: used below)
+from timing import Peak, stock_case_phases
 
 PREDICTORS = ("stock dense", "stock gated", "ours dense", "ours gated")
 
@@ -52,22 +52,6 @@ def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.devic
     return preds
 
 
-def _stock_case(p, files: List[str], out_truncated: str, device: torch.device) -> Dict[str, float]:
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    t0 = time.perf_counter()
-    pre = p.configuration_manager.preprocessor_class(verbose=False)
-    data, _, props = pre.run_case(files, None, p.plans_manager, p.configuration_manager, p.dataset_json)
-    data = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-    t1 = time.perf_counter()
-    logits = p.predict_logits_from_preprocessed_data(data).cpu()
-    _sync(device)
-    t2 = time.perf_counter()
-    export_prediction_from_logits(logits, props, p.configuration_manager, p.plans_manager, p.dataset_json,
-                                  out_truncated, False)
-    t3 = time.perf_counter()
-    return {"preprocess": t1 - t0, "sliding_window": t2 - t1, "export": t3 - t2, "total": t3 - t0}
-
-
 def one_case(name: str, p, files: List[str], work: str, device: torch.device) -> dict:
     """One CT end to end (read .. mask written), with its phases and the share of tiles the Focus saw."""
     from nnunetv2_gfscreen.core.network import unwrap_gfscreen_network
@@ -78,7 +62,7 @@ def one_case(name: str, p, files: List[str], work: str, device: torch.device) ->
         if name.startswith("stock"):
             net = unwrap_gfscreen_network(p.network) if name == "stock gated" else None
             before = (net.tiles_scored, net.tiles_selected) if net is not None else None
-            phases = _stock_case(p, files, out, device)
+            phases = stock_case_phases(p, files, out, device)
             selection = None if net is None else \
                 (net.tiles_selected - before[1]) / max(1, net.tiles_scored - before[0])
         else:

@@ -1,4 +1,7 @@
 """Timing helpers shared by the benchmarks (scripts in this folder import it: their folder is on sys.path)."""
+import time
+from typing import Dict, List
+
 import torch
 
 
@@ -24,3 +27,21 @@ class Peak:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+
+
+def stock_case_phases(p, files: List[str], out_truncated: str, device: torch.device) -> Dict[str, float]:
+    """One case through a stock nnUNetPredictor `p`, timed per phase: nnU-Net's preprocessing, its sliding window
+    (all folds), its export."""
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    t0 = time.perf_counter()
+    pre = p.configuration_manager.preprocessor_class(verbose=False)
+    data, _, props = pre.run_case(files, None, p.plans_manager, p.configuration_manager, p.dataset_json)
+    data = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    t1 = time.perf_counter()
+    logits = p.predict_logits_from_preprocessed_data(data).cpu()
+    sync(device)
+    t2 = time.perf_counter()
+    export_prediction_from_logits(logits, props, p.configuration_manager, p.plans_manager, p.dataset_json,
+                                  out_truncated, False)
+    t3 = time.perf_counter()
+    return {"preprocess": t1 - t0, "sliding_window": t2 - t1, "export": t3 - t2, "total": t3 - t0}

@@ -10,13 +10,12 @@ gated and is evaluated; one Markdown table and one JSON hold the results.
 without it the full-length trainers run (nnU-Net's 1000 epochs: a GPU job).
 """
 import argparse
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from nnunetv2_gfscreen.experiments.runner import FULL, DemoSettings, Runner, machine_description, results_markdown
+from nnunetv2_gfscreen.experiments.runner import FULL, DemoSettings, Runner, machine_description
 
 # (method as in the paper's ablation table, full-length trainer); --quick appends "_Short"
 ARMS: Tuple[Tuple[str, str], ...] = (
@@ -106,11 +105,8 @@ def run_ablation(root: Path, settings: DemoSettings, arms: Sequence[Tuple[str, s
     machine = machine_description()
     result = {"settings": asdict(settings), "device": device, "threshold": threshold, "machine": machine,
               "step_seconds": r.step_seconds, "arms": per_arm, "table_markdown": table}
-    (r.root / "ablation_results.json").write_text(json.dumps(result, indent=2))
-    (r.root / "ablation_results.md").write_text(results_markdown("GF-Screen ablation on synthetic CT", table,
-                                                                 asdict(settings), r.step_seconds, machine, notes))
-    r.say("\n" + "=" * 100 + "\n" + table + "\n" + "\n".join(f"- {n}" for n in notes)
-          + f"\n\nwritten to {r.root / 'ablation_results.md'} and {r.root / 'ablation_results.json'}")
+    r.write_results("ablation_results", "GF-Screen ablation on synthetic CT", "", result, table, asdict(settings),
+                    notes)
     return result
 
 

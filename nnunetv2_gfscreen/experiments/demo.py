@@ -14,7 +14,6 @@ from `checkpoint_latest.pth` when interrupted); prediction and evaluation always
 the printed table is always measured on the spot. The steps are the experiment runner's (runner.py).
 """
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from nnunetv2_gfscreen.evaluation.tables import format_comparison_table
 from nnunetv2_gfscreen.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, QUICK, DemoSettings,
-                                                  Runner, machine_description, results_markdown)
+                                                  Runner, machine_description)
 
 
 def gate_table(gate: dict) -> str:
@@ -78,12 +77,8 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: boo
     machine = machine_description()
     result = {"settings": asdict(settings), "device": device, "machine": machine, "step_seconds": r.step_seconds,
               "runs": runs, "table_markdown": table}
-    (r.root / "results.json").write_text(json.dumps(result, indent=2))
-    (r.root / "results.md").write_text(results_markdown("GF-Screen demo results", table, asdict(settings),
-                                                        r.step_seconds, machine, notes))
-    r.say("\n" + "=" * 100 + "\nGF-Screen vs dense nnU-Net inference on the held-out synthetic cases "
-          "(all numbers measured just now):\n\n" + table + "\n" + "\n".join(f"- {n}" for n in notes)
-          + f"\n\nwritten to {r.root / 'results.md'} and {r.root / 'results.json'}")
+    r.write_results("results", "GF-Screen demo results", "GF-Screen vs dense nnU-Net inference on the held-out "
+                    "synthetic cases (all numbers measured just now):\n\n", result, table, asdict(settings), notes)
     return result
 
 

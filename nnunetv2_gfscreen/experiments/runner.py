@@ -8,7 +8,6 @@ printed tables are always measured on the spot.
 """
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from nnunetv2_gfscreen.atomic import atomic_path, write_json
+from nnunetv2_gfscreen.experiments.reporting import machine_description, results_markdown  # noqa: F401
 from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
 
 # nnU-Net's commands are the installed console scripts. Ours run through their entry functions, so
@@ -86,31 +87,6 @@ def command_line(name: str, args: Sequence[str], python: str = sys.executable) -
     return [str(exe), *args]
 
 
-def machine_description() -> str:
-    """CPU model, cores, load and torch version: the context every measured time needs."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    import torch
-    return (f"{model}, {os.cpu_count()} logical cores, load average {load} at the end of the run; "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
-
-
-def results_markdown(title: str, table: str, settings: dict, step_seconds: Dict[str, float], machine: str,
-                     notes: Sequence[str] = ()) -> str:
-    """The results page of a run: the table, the machine and how long each step took."""
-    lines = [f"# {title}", "", table.rstrip("\n"), ""]
-    lines += [f"- {n}" for n in notes]
-    lines += ["", f"Machine: {machine}", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in step_seconds.items()]
-    lines += ["", "Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------- running steps
 class Runner:
     """Runs the steps of one pipeline under `root`, streaming each command's output and timing it."""
@@ -151,6 +127,17 @@ class Runner:
         print(text, flush=True)
         with open(self.log_file, "a") as f:
             f.write(text + "\n")
+
+    def write_results(self, stem: str, title: str, headline: str, result: dict, table: str, settings: dict,
+                      notes: Sequence[str]) -> None:
+        """`<stem>.json` (result) and `<stem>.md` (`results_markdown`) in the root, atomically; then print the
+        table and the notes under `headline`."""
+        write_json(result, str(self.root / f"{stem}.json"), indent=2)
+        with atomic_path(str(self.root / f"{stem}.md")) as tmp:
+            Path(tmp).write_text(results_markdown(title, table, settings, self.step_seconds, result["machine"],
+                                                  list(notes)))
+        self.say("\n" + "=" * 100 + "\n" + headline + table + "\n" + "\n".join(f"- {n}" for n in notes)
+                 + f"\n\nwritten to {self.root / (stem + '.md')} and {self.root / (stem + '.json')}")
 
     def run(self, name: str, args: Sequence[str], step: Optional[str] = None, extra_env: Optional[dict] = None
             ) -> None:
