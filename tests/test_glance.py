@@ -110,16 +110,7 @@ def _toy_ct(n_groups: int, group_size: int, generator: torch.Generator):
     return x, gt, group_ids
 
 
-@pytest.fixture
-def one_thread():
-    # tiny convolutions run faster on one thread than on two cores shared with other work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_glance_learns_to_select_lesion_tiles_from_grl_alone(one_thread):
+def test_glance_learns_to_select_lesion_tiles_from_grl_alone(one_torch_thread):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     group_size, groups_per_step = 8, 2

@@ -178,10 +178,15 @@ class GFScreenNetwork(nn.Module):
             self.gating_enabled = previous
 
 
+def unwrap_module(network: torch.nn.Module) -> torch.nn.Module:
+    """The module behind DDP and torch.compile wrappers (the module itself when unwrapped)."""
+    network = network.module if isinstance(network, DistributedDataParallel) else network
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
 def unwrap_gfscreen_network(network: torch.nn.Module) -> GFScreenNetwork:
     """The GFScreenNetwork behind a (possibly DDP-wrapped, torch.compile'd) module; TypeError for anything else."""
-    network = network.module if isinstance(network, DistributedDataParallel) else network
-    net = network._orig_mod if isinstance(network, OptimizedModule) else network
+    net = unwrap_module(network)
     if not isinstance(net, GFScreenNetwork):
         raise TypeError(f"GF-Screen gating needs a GFScreenNetwork (a model trained with GFScreenTrainer or a "
                         f"variant), got {type(net).__name__}")

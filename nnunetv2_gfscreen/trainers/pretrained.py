@@ -18,20 +18,13 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nnunetv2.run.run_training as nnunet_run_training
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as nnunet_load_pretrained_weights
 
-from nnunetv2_gfscreen.core.network import GFScreenNetwork
+from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_module
 
 FOCUS_PREFIX = "focus."
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    mod = network.module if isinstance(network, DDP) else network
-    return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
 
 def is_gfscreen_state_dict(weights: Mapping[str, torch.Tensor]) -> bool:
@@ -72,7 +65,7 @@ def focus_fingerprint(focus: nn.Module) -> str:
 
 def load_pretrained_weights_gfscreen(network: nn.Module, fname: str, verbose: bool = False) -> None:
     """nnU-Net's `load_pretrained_weights`, made to accept plain nnU-Net checkpoints for a GFScreenNetwork."""
-    mod = _unwrap(network)
+    mod = unwrap_module(network)
     if not isinstance(mod, GFScreenNetwork):
         return nnunet_load_pretrained_weights(network, fname, verbose)
     checkpoint = torch.load(fname, map_location="cpu", weights_only=False)
