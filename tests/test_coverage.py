@@ -2,10 +2,8 @@
 import numpy as np
 import pytest
 
-from nnunetv2_gfscreen.core.coverage import (CaseCoverage, case_coverage, central_boxes, choose_threshold, curve_at,
-                                        leave_one_case_out, logit, loco_margin, lower_by_logit, operating_curve,
-                                        thin_curve, threshold_for_max_selection,
-                                        threshold_for_target)
+from nnunetv2_gfscreen.core.coverage import (CaseCoverage, case_coverage, case_miss_rate, central_boxes, curve_at,
+                                             operating_curve, thin_curve, threshold_for_target)
 
 
 def _grid(shape, patch, starts_y, starts_x):
@@ -112,26 +110,6 @@ def _case(tile_scores, lesion_scores):
                         np.ones(len(lesion_scores), np.int64), lesion_scores, np.ones(len(lesion_scores), np.int64))
 
 
-def test_leave_one_case_out_never_uses_a_case_on_itself():
-    a = _case([0.9, 0.5, 0.2], [0.9])
-    b = _case([0.8, 0.5, 0.3], [0.8])
-    c = _case([0.1, 0.05, 0.5], [0.1])  # its lesion is only in a tile the Glance scores far lower
-    all_cases = threshold_for_target(operating_curve([a, b, c]), 1.0)
-    assert all_cases < 0.1
-    loco = leave_one_case_out([a, b, c], 1.0, all_cases, ["a", "b", "c"])
-    rows = {r["case"]: r for r in loco["cases"]}
-    assert rows["c"]["threshold"] > 0.1 and rows["c"]["lesion_coverage"] == 0.0  # fitted on a and b only
-    assert rows["c"]["threshold"] == threshold_for_target(operating_curve([a, b]), 1.0)
-    assert rows["a"]["threshold"] < 0.1 and rows["a"]["lesion_coverage"] == 1.0  # c is among a's others
-    assert not any(r["fallback"] for r in rows.values())
-    assert loco["lesion_sensitivity"] == pytest.approx(2 / 3) and loco["lesions_covered"] == 2
-    selected = sum(r["tiles_selected"] for r in rows.values())
-    assert loco["selection_ratio"] == pytest.approx(selected / 9)
-    # one case: its threshold cannot be fitted on others, the all-cases one is used
-    single = leave_one_case_out([a], 1.0, 0.42)
-    assert single["cases"][0]["fallback"] and single["cases"][0]["threshold"] == 0.42
-
-
 def test_tile_margin_counts_only_central_regions():
     shape = (2, 4, 16)
     boxes = np.array([[[0, 2], [0, 4], [x, x + 8]] for x in (0, 4, 8)])
@@ -150,26 +128,9 @@ def test_tile_margin_counts_only_central_regions():
         central_boxes(boxes, shape, 0.5)
 
 
-def test_max_selection_and_combined_choice():
-    curve = {"threshold": [0.05, 0.2, 0.5, 0.8, 0.9],
-             "selection_ratio": [1.0, 0.8, 0.4, 0.2, 0.0],
-             "lesion_sensitivity": [1.0, 1.0, 0.9, 0.5, 0.0]}
-    assert threshold_for_max_selection(curve, 0.5) == 0.5   # lowest threshold within the budget
-    assert threshold_for_max_selection(curve, 0.8) == 0.2
-    assert threshold_for_max_selection(curve, 0.0) == 0.9
-    assert choose_threshold(curve, 0.9) == (0.5, "lesion-level sensitivity target")
-    assert choose_threshold(curve, max_selection=0.3) == (0.8, "selection budget")
-    assert choose_threshold(curve, 1.0, 0.3) == (0.8, "selection budget")  # the target's 0.2 is raised
-    assert choose_threshold(curve, 0.5, 0.9) == (0.8, "lesion-level sensitivity target")  # already within budget
-    with pytest.raises(ValueError):
-        choose_threshold(curve)
-    with pytest.raises(ValueError, match="max_selection"):
-        threshold_for_max_selection(curve, 1.5)
-
-
 def test_unreachable_target_selects_everything_and_no_lesion_is_an_error():
     curve = {"threshold": [0.1, 0.5], "selection_ratio": [1.0, 0.0], "lesion_sensitivity": [0.5, 0.0]}
-    assert choose_threshold(curve, 0.9) == (0.1, "lesion-level sensitivity target (not reached: every tile)")
+    assert threshold_for_target(curve, 0.9) == 0.1
     healthy = operating_curve([case_coverage(np.zeros((2, 4, 4), bool), np.array([[[0, 2], [0, 4], [0, 4]]]),
                                              np.array([0.3], np.float32))])
     assert healthy["lesion_sensitivity"] == [None, None]
@@ -188,27 +149,48 @@ def test_thinned_curve_keeps_the_chosen_threshold_and_target_picks():
     assert len(thin["threshold"]) < n and keep in thin["threshold"]
     for target in (0.5, 0.9, 1.0):
         assert threshold_for_target(thin, target) == threshold_for_target(curve, target)
-    for budget in (0.1, 0.5):  # within the budget, never more selection than asked
-        assert curve_at(curve, threshold_for_max_selection(thin, budget))["selection_ratio"] <= budget
+    row = curve_at(thin, keep)
+    assert row["threshold"] == keep and row["selection_ratio"] == curve_at(curve, keep)["selection_ratio"]
     assert thin_curve(curve, [], max_points=n) is curve
 
 
-def test_loco_margin_is_what_the_held_out_lesions_needed_in_logits():
-    a = _case([0.9, 0.5, 0.2], [0.9])
-    b = _case([0.8, 0.5, 0.3], [0.8])
-    c = _case([0.1, 0.05, 0.5], [0.1])
-    loco = leave_one_case_out([a, b, c], 1.0, 0.05, ["a", "b", "c"])
-    t_c = {r["case"]: r["threshold"] for r in loco["cases"]}["c"]
-    margin = loco_margin([a, b, c], loco, 1.0)
-    # c's lesion (score 0.1) was missed at c's threshold by logit(t_c) - logit(0.1); a's and b's were covered
-    assert margin == pytest.approx(float(logit(t_c) - logit(c.lesion_scores[0])))
-    assert margin > 0
-    # lowering c's threshold by that margin covers its lesion (score > threshold)
-    assert lower_by_logit(t_c, margin) < c.lesion_scores[0]
-    # a target that tolerates one missed lesion of three needs no margin
-    assert loco_margin([a, b, c], leave_one_case_out([a, b, c], 0.6, 0.05), 0.6) == 0.0
-    assert lower_by_logit(0.7, 0.0) == 0.7
-    assert lower_by_logit(0.5, np.log(3)) == pytest.approx(0.25)      # odds 1 -> 1/3
-    assert logit(1.0) == np.inf and logit(0.0) == -np.inf
-    # no case with lesions and a fitted threshold: undefined
-    assert loco_margin([a], leave_one_case_out([a], 1.0, 0.42), 1.0) is None
+def test_floor_tiles_cover_their_central_regions_at_every_threshold():
+    shape = (4, 14, 14)
+    boxes = _grid(shape, 8, (0, 6), (0, 6))
+    lesion = np.zeros(shape, bool)
+    lesion[:, 2:5, 2:5] = True          # only in tile (0,0)
+    scores = np.array([-30.0, 5.0, 4.0, 3.0])
+    plain = case_coverage(lesion, boxes, scores)
+    floored = case_coverage(lesion, boxes, scores, floor=np.array([True, False, False, False]))
+    assert plain.lesion_scores.tolist() == [-30.0] and floored.lesion_scores.tolist() == [np.inf]
+    assert plain.at(0.0)["tiles_selected"] == 3 and floored.at(0.0)["tiles_selected"] == 4
+    assert floored.at(100.0)["tiles_selected"] == 1 and floored.at(100.0)["lesions_covered"] == 1
+    curve = operating_curve([floored], [100.0])
+    assert curve["selection_ratio"] == [0.25] and curve["lesion_sensitivity"] == [1.0]
+
+
+def test_case_miss_rate_averages_over_cases_not_lesions():
+    one = CaseCoverage(np.zeros(2), np.zeros(2, bool), np.zeros(0), np.zeros(0, np.int64), np.array([1.0]),
+                       np.ones(1, np.int64))
+    four = CaseCoverage(np.zeros(2), np.zeros(2, bool), np.zeros(0), np.zeros(0, np.int64),
+                        np.array([1.0, 5.0, 5.0, 5.0]), np.ones(4, np.int64))
+    healthy = CaseCoverage(np.zeros(2), np.zeros(2, bool), np.zeros(0), np.zeros(0, np.int64), np.zeros(0),
+                           np.zeros(0, np.int64))
+    # at t = 2: case one misses 1/1, case four misses 1/4 -> (1 + 0.25) / 2; the healthy case does not count
+    assert case_miss_rate([one, four, healthy], np.array([0.0, 2.0, 9.0])) == [0.0, 0.625, 1.0]
+    curve = operating_curve([one, four, healthy], np.array([2.0]))
+    assert curve["lesion_sensitivity"] == [0.6] and curve["case_miss_rate"] == [0.625]
+
+
+def test_size_bin_columns_and_volumes():
+    shape = (4, 20, 20)
+    boxes = np.array([[[0, 4], [0, 20], [0, 20]]])
+    lesion = np.zeros(shape, bool)
+    lesion[0, 0:2, 0:2] = True       # 4 voxels
+    lesion[2:4, 10:20, 10:20] = True  # 200 voxels
+    cov = case_coverage(lesion, boxes, np.array([1.0]), voxel_volume=5.0)
+    assert sorted(cov.lesion_volumes.tolist()) == [20.0, 1000.0]
+    curve = operating_curve([cov], np.array([0.0, 2.0]))
+    assert curve["lesion_sensitivity_lt500"] == [1.0, 0.0] and curve["lesion_sensitivity_500to5000"] == [1.0, 0.0]
+    assert curve["lesion_sensitivity_ge5000"] == [None, None]
+    assert CaseCoverage.from_dict(cov.to_dict()).lesion_volumes.tolist() == cov.lesion_volumes.tolist()

@@ -15,8 +15,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunetv2_gfscreen.core.calibration import refit_rule
 from nnunetv2_gfscreen.core.calibration_store import CHECKPOINT_KEY
-from nnunetv2_gfscreen.core.coverage import choose_threshold
+from nnunetv2_gfscreen.core.gate import Gate, GateRule
+from nnunetv2_gfscreen.trainers.final_validation import case_rules
 from tests.e2e_training import TRAINER, killed, load
 from tests.nnunet_fixtures import CONFIG, DATASET_ID, run_cli
 
@@ -25,23 +27,32 @@ def _read(path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-def test_final_validation_is_the_gfscreen_predictor_at_leave_one_case_out_thresholds(trained_fold, tmp_path,
-                                                                                       monkeypatch):
+def test_final_validation_is_the_gfscreen_predictor_at_leave_one_case_out_rules(trained_fold, tmp_path,
+                                                                                  monkeypatch):
+    """Each validation case was gated by the rule fitted on the other cases, and predicted as
+    GFScreenPredictor predicts it. The final validation ran in another process (its own thread count), so the
+    Glance scores and the Focus logits may differ there in the last bits: the test compares decisions away from
+    the threshold and masks up to a few near-tie voxels, not bits."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_gfscreen.core.gate import GateRule
     from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
     from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
+    from nnunetv2_gfscreen.trainers.final_validation import case_rules
     from tests.toy_models import patch_nnunet_paths
 
     patch_nnunet_paths(monkeypatch, trained_fold["root"])
     fold = trained_fold["fold"]
     ckpt = load(fold / "checkpoint_final.pth")
-    loco = {c["case"]: c["threshold"] for c in ckpt[CHECKPOINT_KEY]["loco"]["cases"]}
+    record = ckpt[CHECKPOINT_KEY]
+    rule_of = case_rules(record)
     gate = json.loads((fold / "validation" / "gfscreen_gate.json").read_text())
-    assert gate["checkpoint"] == "checkpoint_final.pth"
-    assert {c["case"]: c["threshold"] for c in gate["cases"]} == pytest.approx(loco)
-    assert gate["pooled"]["cases"] == len(loco) and 0 <= gate["pooled"]["selection_ratio"] <= 1
+    assert gate["checkpoint"] == "checkpoint_final.pth" and gate["calibrated"] == record["calibrated"]
+    cases = [c["case"] for c in gate["cases"]]
+    assert {c["case"]: c["threshold"] for c in gate["cases"]} == pytest.approx({c: rule_of(c).threshold
+                                                                                 for c in cases})
+    assert gate["pooled"]["cases"] == len(cases) and 0 <= gate["pooled"]["selection_ratio"] <= 1
     assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's own summary is still written
 
     plans = json.loads((fold.parent / "plans.json").read_text())
@@ -51,20 +62,24 @@ def test_final_validation_is_the_gfscreen_predictor_at_leave_one_case_out_thresh
     net = GFScreenTrainer.build_network_architecture(pm, cm, 1, 2, enable_deep_supervision=False)
     net.load_state_dict(ckpt["network_weights"])
     data_folder = trained_fold["dataset_folder"] / cm.data_identifier
-    dataset = infer_dataset_class(str(data_folder))(str(data_folder), list(loco))
-    for case, threshold in loco.items():
-        predictor = GFScreenPredictor(device=torch.device("cpu"), allow_tqdm=False, threshold=threshold,
-                                      torch_io="off")
+    dataset = infer_dataset_class(str(data_folder))(str(data_folder), cases)
+    for case in cases:
+        rule = rule_of(case)
+        predictor = GFScreenPredictor(device=torch.device("cpu"), allow_tqdm=False, rule=rule, torch_io="off")
         predictor.manual_initialization(net, pm, cm, None, dataset_json, TRAINER,
                                         ckpt["inference_allowed_mirroring_axes"])
         data, _, _, properties = dataset.load_case(case)
         logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data[:])))
-        assert predictor.records[-1].threshold == pytest.approx(threshold)
+        record_here = predictor.records[-1]
+        assert GateRule.from_dict(record_here.rule) == rule
+        stored = next(c for c in gate["cases"] if c["case"] == case)
+        clear = [abs(s - rule.threshold) > 1e-3 for s in record_here.scores]
+        if all(clear):
+            assert stored["tiles_selected"] == record_here.tiles_selected
         export_prediction_from_logits(logits, properties, cm, pm, dataset_json, str(tmp_path / case))
         ours = _read(tmp_path / f"{case}.nii.gz")
-        assert np.array_equal(ours, _read(fold / "validation" / f"{case}.nii.gz")), case
-        assert next(c for c in gate["cases"] if c["case"] == case)["tiles_selected"] == \
-            predictor.records[-1].tiles_selected
+        theirs = _read(fold / "validation" / f"{case}.nii.gz")
+        assert ours.shape == theirs.shape and (ours != theirs).mean() < 1e-3, case
 
 
 def _copy_results(trained_fold, root: Path) -> Path:
@@ -90,14 +105,14 @@ def test_val_best_calibrates_and_validates_the_best_checkpoint(trained_fold, tmp
             env)
     best = load(fold / "checkpoint_best.pth")
     calibration = best[CHECKPOINT_KEY]
-    assert float(best["network_weights"]["threshold"]) == pytest.approx(calibration["threshold"])
+    assert Gate.rule_from_state_dict(best["network_weights"]) == GateRule.from_dict(calibration["rule"])
     assert load(fold / "checkpoint_final.pth")[CHECKPOINT_KEY] == final_before  # untouched by --val_best
     stored = json.loads((fold / "gfscreen_calibration.json").read_text())["checkpoints"]
     assert stored["checkpoint_best.pth"] == calibration and stored["checkpoint_final.pth"] == final_before
     gate = json.loads((fold / "validation" / "gfscreen_gate.json").read_text())
     assert gate["checkpoint"] == "checkpoint_best.pth"
     assert {c["case"]: c["threshold"] for c in gate["cases"]} == \
-        pytest.approx({c["case"]: c["threshold"] for c in calibration["loco"]["cases"]})
+        pytest.approx({c["case"]: case_rules(calibration)(c["case"]).threshold for c in gate["cases"]})
     assert "GF-Screen calibration of checkpoint_best.pth" in "".join(p.read_text() for p in fold.glob("training_log*"))
 
 
@@ -113,9 +128,10 @@ def test_export_and_install_round_trip_keeps_the_calibration(trained_fold, tmp_p
     installed = load(installed_fold / "checkpoint_final.pth")
     assert not (installed_fold / "gfscreen_calibration.json").exists()  # the checkpoint alone carries it
     assert installed[CHECKPOINT_KEY] == original[CHECKPOINT_KEY]
-    assert float(installed["network_weights"]["threshold"]) == float(original["network_weights"]["threshold"])
+    assert Gate.rule_from_state_dict(installed["network_weights"]) == \
+        Gate.rule_from_state_dict(original["network_weights"])
 
-    # predicting from the installed copy picks its threshold from the stored curve
+    # predicting from the installed copy refits its rule from the stored calibration
     inputs = tmp_path / "in"
     inputs.mkdir()
     image = sorted((trained_fold["raw_folder"] / "imagesTs").glob("*_0000.nii.gz"))[0]
@@ -125,8 +141,9 @@ def test_export_and_install_round_trip_keeps_the_calibration(trained_fold, tmp_p
              "-tr", TRAINER, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0",
              "--target_sensitivity", "0.5"], env)
     report = json.loads(next((out / "gfscreen_reports").glob("*.json")).read_text())
-    expected = choose_threshold(original[CHECKPOINT_KEY]["curve"], 0.5)[0]
-    assert report["threshold"] == pytest.approx(expected, abs=1e-9)
+    record = original[CHECKPOINT_KEY]
+    if record["calibrated"]:
+        assert report["threshold"] == pytest.approx(refit_rule(record, target=0.5)[0].threshold, abs=1e-9)
 
 
 def test_prediction_killed_half_way_continues_without_partial_files(trained_fold, tmp_path):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_gfscreen.evaluation.gate import (central_labels, gate_figures, gate_figures_from_folders,
-                                              random_gate_coverage, tile_auc)
+from nnunetv2_gfscreen.evaluation.gate import (cases_from_reports, central_labels, gate_figures,
+                                              gate_figures_from_folders, random_gate_coverage, tile_auc)
 
 
 def _report(case, boxes, scores, selected):
@@ -33,14 +33,19 @@ def test_tile_auc_by_hand():
 
 def test_gate_that_selects_the_lesion_tile_covers_it_and_random_gate_does_a_quarter():
     report = _report("a", BOXES, [0.1, 0.2, 0.3, 0.9], [False, False, False, True])
-    figures = gate_figures([report], [_gt()], random_repeats=400)
+    figures = gate_figures(cases_from_reports([report], [_gt()]), random_repeats=400)
     assert figures["tile_auc"] == 1.0 and figures["tile_auc_central"] == 1.0
     assert figures["selection_ratio"] == 0.25
     assert figures["voxel_coverage"] == 1.0 and figures["lesion_coverage"] == 1.0
     # a random single tile of four holds the lesion one time in four
     assert figures["random_lesion_coverage"] == pytest.approx(0.25, abs=0.07)
     assert figures["oracle_selection_for_target"] == 0.25
-    missed = gate_figures([_report("a", BOXES, [0.9, 0.2, 0.3, 0.1], [True, False, False, False])], [_gt()])
+    # 27 voxels of 1 mm^3: a small lesion; the size bins count it with the random gate beside it
+    small = figures["size_bins"][0]
+    assert (small["lesions"], small["covered"]) == (1, 1) and small["random_coverage"] == pytest.approx(0.25, abs=0.07)
+    assert figures["size_bins"][1]["lesions"] == figures["size_bins"][2]["lesions"] == 0
+    missed = gate_figures(cases_from_reports([_report("a", BOXES, [0.9, 0.2, 0.3, 0.1], [True, False, False, False])],
+                                             [_gt()]))
     assert missed["lesion_coverage"] == 0.0 and missed["tile_auc"] == 0.0
 
 
@@ -55,7 +60,8 @@ def test_central_labels_ignore_slivers_at_inner_edges():
 
 def test_random_gate_selecting_everything_covers_everything():
     boxes = np.array(BOXES)
-    assert random_gate_coverage(_gt() > 0, boxes, 4, repeats=3) == {"voxel_coverage": 1.0, "lesions_covered": 1.0}
+    assert random_gate_coverage(_gt() > 0, boxes, 4, repeats=3) == {"voxel_coverage": 1.0, "lesions_covered": 1.0,
+                                                                    "lesions_covered_by_bin": [1.0, 0.0, 0.0]}
     assert random_gate_coverage(_gt() > 0, boxes, 0, repeats=3)["lesions_covered"] == 0.0
 
 

@@ -8,7 +8,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_gfscreen.core.network import GFScreenNetwork
 from nnunetv2_gfscreen.core.tiles import sliding_window_slicers
-from nnunetv2_gfscreen.core.ensemble_gate import pooled_threshold
+from nnunetv2_gfscreen.core.gate import Gate, GateRule
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 from tests.toy_models import TiltedGlance, init_predictor, tiny_focus, toy_image
 
@@ -22,9 +22,9 @@ N_FLIPS = 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
-def _net(offset, tilt, axes, focus_seed=0, threshold=0.5):
-    return GFScreenNetwork(tiny_focus(seed=focus_seed), TiltedGlance(offset, tilt), 2, threshold=threshold,
-                           glance_mirror_axes=axes).eval()
+def _net(offset, tilt, focus_seed=0, threshold=0.0):
+    return GFScreenNetwork(tiny_focus(seed=focus_seed), TiltedGlance(offset, tilt), 2,
+                           GateRule(threshold=threshold)).eval()
 
 
 def _record_stock_decisions(monkeypatch):
@@ -32,37 +32,44 @@ def _record_stock_decisions(monkeypatch):
     calls = []
     original = GFScreenNetwork._focus_on_selected
 
-    def recording(self, x, probabilities):
-        calls.append((probabilities > self.threshold).tolist())
-        return original(self, x, probabilities)
+    def recording(self, x, selected):
+        calls.append(selected.tolist())
+        return original(self, x, selected)
 
     monkeypatch.setattr(GFScreenNetwork, "_focus_on_selected", recording)
     return calls
 
 
-@pytest.mark.parametrize("axes", [(0, 1, 2), ()])
-def test_stock_tta_gives_each_tile_one_decision_the_gfscreen_predictor_shares(axes, monkeypatch):
-    net, img = _net(offset=0.45, tilt=4.0, axes=axes), toy_image(SHAPE, BRIGHT, seed=1)
+def test_stock_tta_gives_each_tile_one_decision_the_gfscreen_predictor_shares(monkeypatch):
+    """A Glance that is not flip-invariant: nnU-Net's 8 TTA calls per tile still get one decision, the Glance runs
+    once per tile, and GFScreenPredictor decides the same (it scores each unflipped tile once too)."""
+    net, img = _net(offset=0.45, tilt=4.0), toy_image(SHAPE, BRIGHT, seed=1)
+    glance_tiles = []
+    glance_forward = net.glance.forward
+    net.glance.forward = lambda x: glance_tiles.append(x.shape[0]) or glance_forward(x)
     calls = _record_stock_decisions(monkeypatch)
     stock = init_predictor(nnUNetPredictor(device=CPU, use_mirroring=True, allow_tqdm=False), net, PATCH)
     stock_out = stock.predict_sliding_window_return_logits(img).float()
     n_tiles = len(sliding_window_slicers(SHAPE, PATCH, 0.5))
     assert len(calls) == n_tiles * N_FLIPS and all(len(c) == 1 for c in calls)  # batch 1, 8 flips per tile
+    assert sum(glance_tiles) == n_tiles  # one Glance pass per tile, not per flip
     per_tile = [{c[0] for c in calls[i:i + N_FLIPS]} for i in range(0, len(calls), N_FLIPS)]
-    if not axes:  # a Glance that is not flip-invariant, scored as given: nnU-Net's flips decide differently
-        assert any(len(d) == 2 for d in per_tile)
-        return
     assert all(len(d) == 1 for d in per_tile)
     stock_selected = [d.pop() for d in per_tile]
-    ours = init_predictor(GFScreenPredictor(device=CPU, use_mirroring=True, allow_tqdm=False, tile_batch_size=3),
-                          net, PATCH)
+    # the toy Glance is not flip-invariant: scoring each flipped copy on its own would decide differently
+    slicers = sliding_window_slicers(SHAPE, PATCH, 0.5)
+    with torch.no_grad():
+        flipped = [[bool(net.glance(torch.flip(img[s][None], f)) > 0) for f in ((), (2,), (3, 4))] for s in slicers]
+    assert any(len(set(d)) == 2 for d in flipped)
+    ours = init_predictor(GFScreenPredictor(device=CPU, use_mirroring=True, allow_tqdm=False, tile_batch_size=3,
+                                            border_growth=False), net, PATCH)
     out = ours.predict_sliding_window_return_logits(img).float()
     assert ours.records[-1].selected == stock_selected
     assert 0 < sum(stock_selected) < n_tiles // 2
     # same decisions: the same voxels are left to background, and the Focus's mirrored predictions agree where
     # the two blends agree (voxels whose covering tiles were all selected)
     covered, all_selected = torch.zeros(SHAPE, dtype=torch.bool), torch.ones(SHAPE, dtype=torch.bool)
-    for s, keep in zip(sliding_window_slicers(SHAPE, PATCH, 0.5), stock_selected):
+    for s, keep in zip(slicers, stock_selected):
         if keep:
             covered[s[1:]] = True
         else:
@@ -77,21 +84,20 @@ def test_stock_tta_gives_each_tile_one_decision_the_gfscreen_predictor_shares(ax
 
 def test_fold_ensemble_gates_once_on_the_folds_mean_glance():
     a, b = 0.3, 0.9
-    ta, tb = float(torch.sigmoid(torch.tensor(2.0))), 0.5
-    fold_a = _net(offset=a, tilt=0.0, axes=(), focus_seed=1, threshold=ta)
-    fold_b = _net(offset=b, tilt=0.0, axes=(), focus_seed=2, threshold=tb)
+    ta, tb = 2.0, 0.0  # threshold logits
+    fold_a = _net(offset=a, tilt=0.0, focus_seed=1, threshold=ta)
+    fold_b = _net(offset=b, tilt=0.0, focus_seed=2, threshold=tb)
     img = toy_image(SHAPE, BRIGHT, seed=1)
     slicers = sliding_window_slicers(SHAPE, PATCH, 0.5)
     means = torch.tensor([float(img[s].mean()) for s in slicers], dtype=torch.float64)
-    alone_a = torch.sigmoid(10 * (means - a)) > ta
-    alone_b = torch.sigmoid(10 * (means - b)) > tb
-    pooled = float(torch.sigmoid((torch.logit(torch.tensor([ta, tb], dtype=torch.float64))).mean()))
-    assert pooled == pytest.approx(pooled_threshold([ta, tb]), abs=1e-12)
-    shared = torch.sigmoid(10 * (means - (a + b) / 2)) > pooled
+    alone_a = 10 * (means - a) > ta
+    alone_b = 10 * (means - b) > tb
+    pooled = (ta + tb) / 2  # pool_rules: the mean threshold logit
+    shared = 10 * (means - (a + b) / 2) > pooled
     assert (alone_a & ~shared).any() and (shared & ~alone_b).any()  # the folds' Glances disagree both ways
 
-    ens = init_predictor(GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, tile_batch_size=2),
-                         fold_a, PATCH)
+    ens = init_predictor(GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, tile_batch_size=2,
+                                           border_growth=False), fold_a, PATCH)
     ens.list_of_parameters = [fold_a.state_dict(), fold_b.state_dict()]
     seen = []
     forward = fold_a.focus.forward
@@ -106,32 +112,21 @@ def test_fold_ensemble_gates_once_on_the_folds_mean_glance():
     assert sum(glance_calls) == 2 * len(slicers)  # each fold's Glance scores each tile once
     assert sum(seen) == 2 * int(shared.sum())  # every fold's Focus runs on the shared selection, nothing else
     assert ens._case_gate is None  # the next case decides afresh
-    # scoring over folds leaves the network's own Glance (and mirror axes) as it found them
+    # scoring over folds leaves the network's own Glance as it found it
     from nnunetv2_gfscreen.core.ensemble_gate import score_tiles_over_folds
-    fold_b.set_glance_mirror_axes((1,))
-    before = fold_b.glance_state()
+    before = {k: v.clone() for k, v in fold_b.glance.state_dict().items()}
     score_tiles_over_folds(fold_b, ens.list_of_parameters, img, slicers[:3], 2, CPU)
-    after = fold_b.glance_state()
-    assert all(torch.equal(before[k], after[k]) for k in before) and fold_b.glance_mirror_axes_tuple == (1,)
+    assert all(torch.equal(before[k], v) for k, v in fold_b.glance.state_dict().items())
 
     # reference: each fold's Focus behind a single Glance that makes the shared decision, averaged like nnU-Net
     ref = None
     for seed in (1, 2):
-        single = _net(offset=(a + b) / 2, tilt=0.0, axes=(), focus_seed=seed, threshold=pooled)
-        p = init_predictor(GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, tile_batch_size=2),
-                           single, PATCH).predict_sliding_window_return_logits(img)
+        single = _net(offset=(a + b) / 2, tilt=0.0, focus_seed=seed, threshold=pooled)
+        p = init_predictor(GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, tile_batch_size=2,
+                                             border_growth=False), single, PATCH).predict_sliding_window_return_logits(img)
         assert p.shape == out.shape
         ref = p if ref is None else ref + p
     torch.testing.assert_close(out.float(), (ref / 2).float(), atol=1e-3, rtol=1e-3)
-
-
-def test_pooled_threshold_refuses_contradictory_folds():
-    assert pooled_threshold([0.5]) == 0.5
-    assert pooled_threshold([0.2, 0.8]) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="mix 0"):
-        pooled_threshold([0.0, 1.0])
-    with pytest.raises(ValueError, match="probabilities"):
-        pooled_threshold([1.5])
 
 
 # ---------------------------------------------------------------------- saved probabilities (item 5)
@@ -149,7 +144,8 @@ def _flat(probabilities: np.ndarray) -> np.ndarray:
 def test_saved_probabilities_are_certain_background_where_no_selected_tile_reaches(planned_dataset, tmp_path):
     model_folder, _ = make_model_folder(planned_dataset, "GFScreenTrainer_BalancedCE", seed=5)  # a folder of its own
     image = sorted((planned_dataset["raw_folder"] / "imagesTs").glob("*_0000.nii.gz"))[0]
-    ours = GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, torch_io='off', dense=True)
+    ours = GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, torch_io='off', dense=True,
+                             score_dense=True, border_growth=False)
     ours.initialize_from_trained_model_folder(str(model_folder), [0])
     data, props = ours.preprocess_case([str(image)], "c")
     ours.predict_logits_from_preprocessed_data(data)
@@ -185,7 +181,7 @@ def test_saved_probabilities_are_certain_background_where_no_selected_tile_reach
     # gates itself, but nnU-Net's export writes 1/K (0.5 here) where no selected tile reaches, as documented
     stock = nnUNetPredictor(device=CPU, use_mirroring=False, allow_tqdm=False)
     stock.initialize_from_trained_model_folder(str(model_folder), [0])
-    stock.list_of_parameters[0]["threshold"] = torch.tensor(threshold, dtype=torch.float64)
+    Gate.write_rule_into_state_dict(stock.list_of_parameters[0], GateRule(threshold=threshold))
     export_prediction_from_logits(stock.predict_logits_from_preprocessed_data(data), props,
                                   stock.configuration_manager, stock.plans_manager, stock.dataset_json,
                                   str(tmp_path / "stock"), True, 1)
@@ -199,10 +195,9 @@ def test_saved_probabilities_are_certain_background_where_no_selected_tile_reach
 
 def test_predict_gfscreen_with_two_folds_gates_once(planned_dataset, tmp_path, monkeypatch):
     """nnUNetv2_predict_gfscreen -f 0 1 with two folds whose (random) Glances disagree."""
-    from nnunetv2_gfscreen.core.calibration_store import write_threshold_into_checkpoint
     from nnunetv2_gfscreen.predictors.cli import run_predict_gfscreen
     from tests.nnunet_fixtures import CONFIG, DATASET_ID
-    from tests.toy_models import patch_nnunet_paths
+    from tests.toy_models import patch_nnunet_paths, write_rule
 
     patch_nnunet_paths(monkeypatch, planned_dataset["root"])
     trainer = "GFScreenTrainer_PlainCE"  # same network; a model folder of its own
@@ -211,23 +206,23 @@ def test_predict_gfscreen_with_two_folds_gates_once(planned_dataset, tmp_path, m
     inputs.mkdir()
     (inputs / image.name).symlink_to(image)
     args = ["-i", str(inputs), "-d", str(DATASET_ID), "-c", CONFIG, "-tr", trainer, "-device", "cpu",
-            "--disable_tta", "-npp", "0", "-nps", "0"]
+            "--disable_tta", "-npp", "0", "-nps", "0", "--no_border_growth"]
     scores, thresholds = {}, {}
     for fold, seed in ((0, 11), (1, 12)):
         model_folder, _ = make_model_folder(planned_dataset, trainer, seed=seed, fold=fold)
-        dense = run_predict_gfscreen(args + ["-o", str(tmp_path / f"dense{fold}"), "-f", str(fold), "--dense"])[0]
+        dense = run_predict_gfscreen(args + ["-o", str(tmp_path / f"dense{fold}"), "-f", str(fold), "--dense",
+                                             "--score_tiles"])[0]
         scores[fold] = np.array([t["score"] for t in dense["tiles"]])
         s = np.sort(scores[fold])
         thresholds[fold] = float(s[len(s) // 2 - 1] + s[len(s) // 2]) / 2  # each fold alone selects half the tiles
-        write_threshold_into_checkpoint(str(model_folder / f"fold_{fold}" / "checkpoint_final.pth"), thresholds[fold])
+        write_rule(model_folder / f"fold_{fold}" / "checkpoint_final.pth", GateRule(threshold=thresholds[fold]))
     sel = {f: scores[f] > thresholds[f] for f in (0, 1)}
     assert (sel[0] != sel[1]).any()  # the folds disagree
 
     both = run_predict_gfscreen(args + ["-o", str(tmp_path / "both"), "-f", "0", "1"])[0]
-    logit = lambda p: np.log(p) - np.log1p(-p)
-    mean_logit = (logit(scores[0]) + logit(scores[1])) / 2
-    pooled = pooled_threshold([thresholds[0], thresholds[1]])
-    expected = mean_logit > logit(pooled)
+    mean_logit = (scores[0] + scores[1]) / 2
+    pooled = (thresholds[0] + thresholds[1]) / 2
+    expected = mean_logit > pooled
     selected = np.array([t["selected"] for t in both["tiles"]])
     assert both["threshold"] == pytest.approx(pooled, abs=1e-12)
     assert np.array_equal(selected, expected) and not np.array_equal(selected, sel[0] | sel[1])

@@ -1,29 +1,37 @@
-import torch
-
-from nnunetv2_gfscreen.core.network import GFScreenNetwork
-from nnunetv2_gfscreen.core.network import select_tiles
-from tests.toy_models import MeanIntensityGlance, tiny_focus
+"""GFScreenNetwork: the gate inside the network (the stock nnUNetv2_predict path), one Glance pass per tile."""
+import itertools
 
 import pytest
+import torch
+
+from nnunetv2_gfscreen.core.gate import Gate, GateRule, select_tiles
+from nnunetv2_gfscreen.core.network import GFScreenNetwork
+from tests.toy_models import MeanIntensityGlance, TiltedGlance, tiny_focus
 
 
-def _net(offset=0.0):
-    return GFScreenNetwork(tiny_focus(), MeanIntensityGlance(offset), num_classes=2, threshold=0.5).eval()
+def _net(offset=0.0, threshold=0.0):
+    return GFScreenNetwork(tiny_focus(), MeanIntensityGlance(offset), 2, GateRule(threshold=threshold)).eval()
+
+
+def _count_calls(module, log):
+    forward = module.forward
+    module.forward = lambda x: log.append(x.shape[0]) or forward(x)
 
 
 def test_eval_mode_gates_with_zero_logits():
     net = _net()
+    focus_tiles = []
+    _count_calls(net.focus, focus_tiles)
     x = torch.randn(3, 1, 16, 32, 32) * 0.1
-    x[0] += 1.0  # bright tile: mean > 0 -> selected
+    x[0] += 1.0  # bright tile: mean > 0 -> logit > 0 -> selected
     x[1] -= 1.0  # dark tiles: rejected
     x[2] -= 1.0
     with torch.no_grad():
         out = net(x)
-        dense = net.focus(x)
-    assert out.shape == dense.shape
+        dense = net.focus(x[:1])
     torch.testing.assert_close(out[0], dense[0])
     assert torch.count_nonzero(out[1:]) == 0
-    assert (net.tiles_scored, net.tiles_selected) == (3, 1)
+    assert focus_tiles[0] == 1  # the rejected tiles never reached the Focus
 
 
 def test_training_and_ungated_run_the_focus_densely():
@@ -35,15 +43,19 @@ def test_training_and_ungated_run_the_focus_densely():
         assert net.gating_enabled
         net.train()
         assert torch.count_nonzero(net(x)) > 0
-    assert net.tiles_scored == 0
 
 
-def test_threshold_is_saved_and_loaded_strictly():
+def test_gate_rule_is_saved_and_loaded_strictly():
     net = _net()
-    net.threshold.fill_(0.123)
+    rule = GateRule(threshold=12.5, floor=0.05, envelope=(-20.0, -3.0), calibrated=True)
+    net.gate.set_rule(rule)
     fresh = _net()
     fresh.load_state_dict(net.state_dict(), strict=True)
-    assert float(fresh.threshold) == pytest.approx(0.123)
+    assert fresh.gate.rule == rule
+    assert Gate.rule_from_state_dict(net.state_dict()) == rule
+    assert net.state_dict()["gate.threshold"].dtype == torch.float64
+    with pytest.raises(KeyError, match="gate"):
+        Gate.rule_from_state_dict({"threshold": torch.tensor(0.5)})
 
 
 def test_decoder_is_the_focus_decoder_for_nnunet_deep_supervision_switch():
@@ -53,70 +65,45 @@ def test_decoder_is_the_focus_decoder_for_nnunet_deep_supervision_switch():
 
 def test_select_tiles_refuses_nan():
     with pytest.raises(ValueError, match="NaN"):
-        select_tiles(torch.tensor([0.2, float("nan")]), 0.5)
-    assert select_tiles(torch.tensor([0.2, 0.6]), 0.5).tolist() == [False, True]
+        select_tiles(torch.tensor([0.2, float("nan")], dtype=torch.float64), 0.5)
+    assert select_tiles(torch.tensor([0.2, 0.6], dtype=torch.float64), 0.5).tolist() == [False, True]
 
 
-# ---------------------------------------------------------------------- mirror-invariant decisions (issue 10, item 2)
-import itertools
-
-from tests.toy_models import TiltedGlance
+# ---------------------------------------------------------------------- one decision and one Glance pass per tile
+FLIPS = [c for k in range(1, 4) for c in itertools.combinations((2, 3, 4), k)]
 
 
-def _tilted_net(axes=(0, 1, 2)):
-    return GFScreenNetwork(tiny_focus(), TiltedGlance(offset=0.0), num_classes=2, threshold=0.5,
-                           glance_mirror_axes=axes).eval()
-
-
-def _all_flips(ndim_spatial=3):
-    dims = [d + 2 for d in range(ndim_spatial)]
-    return [c for k in range(len(dims) + 1) for c in itertools.combinations(dims, k)]
-
-
-def test_glance_logit_is_identical_for_every_flip_of_a_tile():
-    x = torch.randn(4, 1, 16, 32, 32, generator=torch.Generator().manual_seed(3))
-    x[:, :, :6, :10, :10] += 2.0  # off-centre bright corner: the tilted Glance's raw logit depends on the flip
-    x += torch.tensor([-0.3, -0.05, 0.0, 0.3]).view(4, 1, 1, 1, 1)
-    raw = _tilted_net(axes=())
+def test_stock_tta_copies_get_the_tile_decision_with_one_glance_pass():
+    """nnU-Net's TTA hands the network a tile, then its 7 flips: they get the tile's decision, and the Glance
+    (which here is not flip-invariant) runs once, not 8 times."""
+    net = GFScreenNetwork(tiny_focus(), TiltedGlance(offset=0.0, tilt=4.0), 2, GateRule(threshold=0.0)).eval()
+    glance_tiles = []
+    _count_calls(net.glance, glance_tiles)
+    x = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(3))
+    x[:, :, :6, :10, :10] += 2.0
+    # shift so that the raw Glance would decide differently for some flip
+    raw = torch.stack([net.glance(torch.flip(x, f)).double() for f in [()] + FLIPS]).flatten()
+    x -= float(raw.median()) / 10
+    raw = torch.stack([net.glance(torch.flip(x, f)).double() for f in [()] + FLIPS]).flatten()
+    assert len({bool(v > 0) for v in raw}) == 2  # the toy Glance is not flip-invariant
+    glance_tiles.clear()
     with torch.no_grad():
-        raw_logits = [raw.glance_logits(torch.flip(x, f)) for f in _all_flips()]
-    assert max(float((l - raw_logits[0]).abs().max()) for l in raw_logits) > 0.5  # the toy is not flip-invariant
-    net = _tilted_net()
+        outs = [net(x)] + [net(torch.flip(x, f)) for f in FLIPS]
+    assert sum(glance_tiles) == 1
+    decided = {bool(o.abs().sum() > 0) for o in outs}
+    assert decided == {bool(raw[0] > 0)}
+    # a different tile is scored on its own; a new threshold or a new fold's weights forget the decision
     with torch.no_grad():
-        logits = [net.glance_logits(torch.flip(x, f)) for f in _all_flips()]
-        flipped_decisions = [net._focus_on_selected(torch.flip(x, f), net.glance_probabilities(torch.flip(x, f)))
-                             for f in _all_flips()]
-    assert all(torch.equal(l, logits[0]) for l in logits)  # bitwise: same views, same summation order
-    # the average is the mean of the raw logits of the 8 views
-    torch.testing.assert_close(logits[0], torch.stack(raw_logits).mean(0))
-    assert net.tiles_scored == 4 * 8 and net.tiles_selected % 8 == 0 and 0 < net.tiles_selected < 4 * 8
-    # without the averaging some tile would be decided differently for different flips
-    assert any(len({bool(l[i] > 0) for l in raw_logits}) == 2 for i in range(4))
-    assert all((o.flatten(1).abs().sum(1) > 0).tolist() == (logits[0] > 0).tolist() for o in flipped_decisions)
+        net(x + 1)
+        assert sum(glance_tiles) == 2
+        net.gate.set_rule(GateRule(threshold=-1e9))
+        assert net(torch.flip(x + 1, FLIPS[0])).abs().sum() > 0 and sum(glance_tiles) == 3
+        net.load_state_dict(net.state_dict())
+        net(torch.flip(x + 1, FLIPS[0]))
+        assert sum(glance_tiles) == 4
 
 
-def test_mirror_axes_are_saved_and_old_checkpoints_load_as_before():
-    net = _tilted_net(axes=(1, 2))
-    state = net.state_dict()
-    assert state["glance_mirror_axes"].tolist() == [False, True, True]
-    fresh = _tilted_net(axes=())
-    fresh.load_state_dict(state, strict=True)
-    assert fresh.glance_mirror_axes_tuple == (1, 2)
-    x = torch.randn(2, 1, 16, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(fresh.glance_logits(x), net.glance_logits(x))
-    # a checkpoint written before the buffer existed: strict load, no averaging (one Glance pass, as calibrated)
-    old = {k: v for k, v in state.items() if k != "glance_mirror_axes"}
-    legacy = _tilted_net(axes=(0, 1, 2))
-    legacy.load_state_dict(old, strict=True)
-    assert legacy.glance_mirror_axes_tuple == ()
-    with torch.no_grad():
-        torch.testing.assert_close(legacy.glance_logits(x), legacy.glance(x).double(), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="spatial axes"):
-        legacy.set_glance_mirror_axes((3,))
-
-
-# ---------------------------------------------------------------------- torch.compile (issue 10, item 1)
+# ---------------------------------------------------------------------- torch.compile
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
@@ -141,12 +128,9 @@ def test_compiled_gated_network_does_not_recompile_per_call(monkeypatch):
         for i in range(30):
             b = (1, 3, 2)[i % 3]  # batch 1 as in nnU-Net's loop, and sub-batches of every size
             x = torch.randn(b, 1, 16, 32, 32, generator=g) * 0.1 + (torch.rand(b, 1, 1, 1, 1, generator=g) - 0.5) * 2
-            before = net.tiles_selected
             out = compiled(x)
-            n_compiled = net.tiles_selected - before
             torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
-            assert net.tiles_selected - before == 2 * n_compiled  # the counters count the compiled call too
-            selections.add((b, n_compiled))
+            selections.add((b, int((out.flatten(1).abs().sum(1) > 0).sum())))
             frames.append(counter.frame_count)
     assert len(selections) >= 7  # 0..b tiles selected out of b, for b = 1, 2, 3
     assert frames[-1] == frames[14] and frames[-1] <= 12  # bounded: nothing compiles after the first half

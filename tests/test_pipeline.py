@@ -19,8 +19,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_gfscreen.torch_io import export as torch_export, preprocessing as torch_preprocessing
 from nnunetv2_gfscreen.predictors.cli import predict_folder
-from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor, \
-    SlidingWindowRecord, selected_tiles_bbox
+from nnunetv2_gfscreen.core.records import SlidingWindowRecord, selected_tiles_bbox
+from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor
 from nnunetv2_gfscreen.predictors.pipeline import CaseFailedError, run_pipeline
 from tests.toy_models import toy_network, toy_plans
 
@@ -55,11 +55,11 @@ def _plans():
     return PlansManager(plans), dataset_json
 
 
-def _predictor(torch_io: str, dense: bool = False, threshold: float = 0.5) -> GFScreenPredictor:
+def _predictor(torch_io: str, dense: bool = False, threshold: float = 0.0) -> GFScreenPredictor:
     pm, dataset_json = _plans()
     net = toy_network(offset=0.0)
     predictor = GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, torch_io=torch_io, dense=dense,
-                                  threshold=threshold)
+                                  threshold=threshold, score_dense=dense, border_growth=False)
     predictor.manual_initialization(net, pm, pm.get_configuration("3d_fullres"),
                                     [{k: v.clone() for k, v in net.state_dict().items()}], dataset_json,
                                     "GFScreenTrainer", None)

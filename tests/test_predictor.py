@@ -8,6 +8,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
+from nnunetv2_gfscreen.core.gate import GateRule
 from nnunetv2_gfscreen.core.tiles import sliding_window_slicers
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 from nnunetv2_gfscreen.predictors.report import build_case_report, lesion_components, tile_bbox_to_original
@@ -32,6 +33,7 @@ def _stock(net, mirror):
 
 
 def _ours(net, mirror, **kw):
+    kw.setdefault("border_growth", False)  # exact comparisons with the stock path, which cannot grow
     return init_predictor(GFScreenPredictor(device=CPU, use_mirroring=mirror, allow_tqdm=False, **kw), net, PATCH)
 
 
@@ -40,10 +42,10 @@ def _image():
 
 
 def _expected_selection(img, offset, threshold):
-    """The toy Glance's rule, computed here independently: sigmoid(10 * (mean - offset)) > threshold."""
+    """The toy Glance's rule, computed here independently: logit 10 * (mean - offset) > threshold."""
     slicers = sliding_window_slicers(img.shape[1:], PATCH, 0.5)
-    means = torch.tensor([float(img[s].mean()) for s in slicers])
-    return slicers, torch.sigmoid(10 * (means - offset)) > threshold
+    means = torch.tensor([float(img[s].mean()) for s in slicers], dtype=torch.float64)
+    return slicers, 10 * (means - offset) > threshold
 
 
 def test_tiling_matches_nnunet():
@@ -57,20 +59,27 @@ def test_everything_selected_equals_stock(mirror):
     with net.ungated():
         ref = _stock(net, mirror).predict_sliding_window_return_logits(img)
     # tile batch 1: same operations in the same order as nnU-Net -> identical fp16 result
-    below_all = _ours(net, mirror, threshold=-1.0, tile_batch_size=1)
+    below_all = _ours(net, mirror, threshold=-1e9, tile_batch_size=1)
     out = below_all.predict_sliding_window_return_logits(img)
     assert below_all.records[-1].tiles_selected == 48
     assert torch.equal(out, ref)
     # batched Focus and dense mode: equal to fp16 accumulation tolerance
+    glance_tiles = []
+    glance_forward = net.glance.forward
+    net.glance.forward = lambda x: glance_tiles.append(x.shape[0]) or glance_forward(x)
     dense = _ours(net, mirror, dense=True, tile_batch_size=5)
     out = dense.predict_sliding_window_return_logits(img)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
-    assert dense.records[-1].tiles_selected == 48 and not all(s > 0.5 for s in dense.records[-1].scores)
+    assert dense.records[-1].tiles_selected == 48 and dense.records[-1].scores == []
+    assert glance_tiles == []  # --dense runs no Glance
+    scored = _ours(net, mirror, dense=True, score_dense=True)
+    scored.predict_sliding_window_return_logits(img)
+    assert len(scored.records[-1].scores) == 48 and sum(glance_tiles) == 48
 
 
 @pytest.mark.parametrize("mirror", [False, True])
 def test_gated_equals_gated_network_path(mirror):
-    offset, threshold = 0.5, 0.5
+    offset, threshold = 0.5, 0.0
     net, img = toy_network(offset=offset, threshold=threshold), _image()
     slicers, expected = _expected_selection(img, offset, threshold)
     assert 0 < int(expected.sum()) < len(slicers) // 2
@@ -78,10 +87,14 @@ def test_gated_equals_gated_network_path(mirror):
     out = ours.predict_sliding_window_return_logits(img).float()
     assert ours.records[-1].selected == expected.tolist()
 
-    net.tiles_scored = net.tiles_selected = 0
+    focus_tiles, glance_tiles = [], []
+    forward, glance_forward = net.focus.forward, net.glance.forward
+    net.focus.forward = lambda x: focus_tiles.append(x.shape[0]) or forward(x)
+    net.glance.forward = lambda x: glance_tiles.append(x.shape[0]) or glance_forward(x)
     gated = _stock(net, mirror).predict_sliding_window_return_logits(img).float()  # network gates itself
     n_passes = 8 if mirror else 1
-    assert net.tiles_scored == len(slicers) * n_passes and net.tiles_selected == int(expected.sum()) * n_passes
+    assert sum(glance_tiles) == len(slicers)  # once per tile, whatever the TTA
+    assert sum(focus_tiles) == int(expected.sum()) * n_passes
 
     # the stock blend divides by the weights of all tiles, ours by those of the selected ones
     g = compute_gaussian(PATCH, sigma_scale=1. / 8, value_scaling_factor=10, device=CPU).float()
@@ -110,7 +123,7 @@ def test_gated_equals_gated_network_path(mirror):
 
 @pytest.mark.parametrize("mirror,batch", [(False, 2), (True, 3)])
 def test_rejected_tiles_never_reach_the_focus(mirror, batch):
-    offset, threshold = 0.5, 0.5
+    offset, threshold = 0.5, 0.0
     net, img = toy_network(offset=offset, threshold=threshold), _image()
     slicers, expected = _expected_selection(img, offset, threshold)
     seen = []
@@ -136,9 +149,9 @@ def test_nothing_selected_gives_background_not_nan():
     assert not torch.isnan(out).any() and torch.all(out == 0) and torch.all(out.argmax(0) == 0)
 
 
-def test_threshold_override_and_fold_thresholds():
-    net, img = toy_network(offset=0.5, threshold=0.5), _image()
-    scores = _ours(net, False, dense=True)
+def test_threshold_override_and_fold_rules():
+    net, img = toy_network(offset=0.5, threshold=0.0), _image()
+    scores = _ours(net, False, dense=True, score_dense=True)
     scores.predict_sliding_window_return_logits(img)
     s = np.array(scores.records[-1].scores)
     t = float(np.sort(s)[-10] - 1e-6)  # exactly the 10 best tiles pass
@@ -147,9 +160,13 @@ def test_threshold_override_and_fold_thresholds():
     assert override.records[-1].tiles_selected == 10 and override.records[-1].threshold == t
     per_fold = _ours(net, False)
     per_fold.list_of_parameters = [{k: v.clone() for k, v in net.state_dict().items()}]
-    per_fold.set_fold_thresholds([t])
+    per_fold.set_fold_rules([GateRule(threshold=t)])
     per_fold.predict_logits_from_preprocessed_data(img)
     assert per_fold.records[-1].tiles_selected == 10
+    # the floor: the top 20% of the 48 tiles (10) whatever the threshold
+    floor = _ours(net, False, rule=GateRule(threshold=1e9, floor=0.2))
+    floor.predict_sliding_window_return_logits(img)
+    assert floor.records[-1].tiles_selected == 10 and floor.records[-1].tiles_by_floor == 10
 
 
 def test_padding_offsets_in_record():
@@ -192,14 +209,17 @@ def test_lesion_components_and_report():
     assert [l["volume_mm3"] for l in lesions] == [4.0, 1.0]
     assert lesions[0]["centroid_zyx"] == [1.5, 1.5, 1.5] and lesions[1]["centroid_zyx"] == [5.5, 5.5, 5.5]
 
-    from nnunetv2_gfscreen.predictors.gfscreen_predictor import SlidingWindowRecord
+    from nnunetv2_gfscreen.core.records import SlidingWindowRecord
     rec = SlidingWindowRecord((10, 12, 12), [[[0, 5], [0, 12], [0, 12]], [[5, 10], [0, 12], [0, 12]]],
-                              [0.9, 0.1], [True, False], 0.5, False, 0.25, 1.0)
+                              [3.5, -2.0], [True, False], [False, False], threshold=0.5, rule=GateRule(0.5).to_dict(),
+                              glance_seconds=0.25, focus_seconds=1.0)
     props = {"shape_before_cropping": [10, 12, 12], "bbox_used_for_cropping": [[0, 10], [0, 12], [0, 12]],
              "shape_after_cropping_and_before_resampling": [10, 12, 12]}
     r = build_case_report("GFS_0001", [rec], props, [0, 1, 2], lesions, 3.0)
     assert (r["tiles_total"], r["tiles_selected"], r["selection_ratio"]) == (2, 1, 0.5)
-    assert r["tiles"][1] == {"bbox_original": [[5, 10], [0, 12], [0, 12]], "score": 0.1, "selected": False}
+    assert r["tiles"][1] == {"bbox_original": [[5, 10], [0, 12], [0, 12]], "score": -2.0, "selected": False,
+                             "grown": False}
+    assert r["gate"]["rule"]["threshold"] == 0.5 and not r["gate"]["calibrated"]
     assert (r["glance_seconds"], r["focus_seconds"], r["total_seconds"], r["threshold"]) == (0.25, 1.0, 3.0, 0.5)
 
 
@@ -211,12 +231,11 @@ import sys
 import SimpleITK as sitk
 
 from nnunetv2_gfscreen.core.network import GFScreenNetwork
-from nnunetv2_gfscreen.core.calibration import score_and_label_tiles
-from nnunetv2_gfscreen.core.calibration_store import write_threshold_into_checkpoint
+from nnunetv2_gfscreen.core.tiles import score_tile_logits
 from nnunetv2_gfscreen.predictors.cli import predict_gfscreen_entry_point
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError
 from tests.nnunet_fixtures import CONFIG, DATASET_ID
-from tests.toy_models import make_model_folder, patch_nnunet_paths
+from tests.toy_models import make_model_folder, patch_nnunet_paths, write_rule
 
 
 @pytest.fixture(scope="module")
@@ -230,11 +249,15 @@ def gated_model(planned_dataset, tmp_path_factory):
     predictor = GFScreenPredictor(device=CPU, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), [0])
     data, _ = predictor.preprocess_case([str(inputs / image.name)], case)
-    scores, _, _ = score_and_label_tiles(predictor.gfscreen_network, [(data, np.zeros((1, *data.shape[1:])))],
-                                         predictor.configuration_manager.patch_size)
-    threshold = float(np.median(scores))
-    write_threshold_into_checkpoint(str(model_folder / "fold_0" / "checkpoint_final.pth"), threshold)
-    n_selected = int((scores > np.float32(threshold)).sum())
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    patch = predictor.configuration_manager.patch_size
+    padded = pad_nd_image(data, patch, 'constant', {'value': 0}, False, None)
+    scores = score_tile_logits(predictor.gfscreen_network, padded, sliding_window_slicers(padded.shape[1:], patch, 0.5),
+                               8, CPU).numpy()
+    s = np.sort(scores)
+    threshold = float(s[len(s) // 2 - 1] + s[len(s) // 2]) / 2  # half the tiles, between two scores
+    write_rule(model_folder / "fold_0" / "checkpoint_final.pth", GateRule(threshold=threshold))
+    n_selected = int((scores > threshold).sum())
     assert 0 < n_selected < len(scores)
     return {"model_folder": model_folder, "inputs": inputs, "case": case, "threshold": threshold,
             "n_tiles": len(scores), "n_selected": n_selected, "image": image}
@@ -248,7 +271,8 @@ def _argv(inputs, out, *extra, tr="GFScreenTrainer"):
 def test_cli_report_and_stock_cli_is_gated(gated_model, planned_dataset, tmp_path, monkeypatch):
     patch_nnunet_paths(monkeypatch, planned_dataset["root"])
     out = tmp_path / "gfscreen"
-    monkeypatch.setattr(sys, "argv", _argv(gated_model["inputs"], out, "--png", "--tile_batch_size", "3"))
+    monkeypatch.setattr(sys, "argv", _argv(gated_model["inputs"], out, "--png", "--tile_batch_size", "3",
+                                           "--no_border_growth"))
     predict_gfscreen_entry_point()
     case = gated_model["case"]
     mask_file = out / f"{case}.nii.gz"
@@ -275,18 +299,15 @@ def test_cli_report_and_stock_cli_is_gated(gated_model, planned_dataset, tmp_pat
     assert all(l["volume_mm3"] == pytest.approx(l["voxels"] * voxel_mm3, abs=6e-4) for l in report["lesions"])
 
     # stock nnUNetv2_predict on the same model folder: the network gates itself
-    counts = {"calls": 0, "scored": 0}
-    original = GFScreenNetwork.gated_forward
+    counts = {"scored": 0, "selected": 0}
+    original = GFScreenNetwork._focus_on_selected
 
-    def counting(self, x):
-        counts["calls"] += 1
-        before = self.tiles_selected
-        y = original(self, x)
+    def counting(self, x, selected):
         counts["scored"] += x.shape[0]
-        counts["selected"] = counts.get("selected", 0) + self.tiles_selected - before
-        return y
+        counts["selected"] += int(selected.sum())
+        return original(self, x, selected)
 
-    monkeypatch.setattr(GFScreenNetwork, "gated_forward", counting)
+    monkeypatch.setattr(GFScreenNetwork, "_focus_on_selected", counting)
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
     stock_out = tmp_path / "stock"
     monkeypatch.setattr(sys, "argv", _argv(gated_model["inputs"], stock_out)[:-2] + ["-npp", "0", "-nps", "0"])

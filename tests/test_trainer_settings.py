@@ -109,20 +109,6 @@ def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planne
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
 
 
-def test_train_start_gives_the_glance_the_inference_mirror_axes(planned_dataset, monkeypatch, tmp_path):
-    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
-
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    mirrored = _trainer(GFScreenTrainer, planned_dataset, monkeypatch, tmp_path)
-    mirrored.on_train_start()
-    net = mirrored._gfscreen_network()
-    assert tuple(mirrored.inference_allowed_mirroring_axes) == (0, 1, 2)
-    assert net.glance_mirror_axes_tuple == (0, 1, 2) and net.state_dict()["glance_mirror_axes"].all()
-    unmirrored = _trainer(GFScreenTrainer_Tiny, planned_dataset, monkeypatch, tmp_path / "tiny")
-    unmirrored.on_train_start()  # trains without mirroring: one Glance pass per tile, as before
-    assert unmirrored._gfscreen_network().glance_mirror_axes_tuple == ()
-
-
 def test_a_variant_without_a_docstring_initializes(planned_dataset, monkeypatch, tmp_path):
     from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
 

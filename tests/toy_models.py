@@ -8,6 +8,7 @@ from torch import nn
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunetv2_gfscreen.core.gate import Gate, GateRule
 from nnunetv2_gfscreen.core.network import GFScreenNetwork
 
 PATCH = (16, 32, 32)
@@ -32,8 +33,8 @@ class TiltedGlance(nn.Module):
     """A Glance that is NOT flip-invariant: select logit = scale * (ramp-weighted mean intensity - offset).
 
     The weights grow linearly along every spatial axis (1 + tilt * position), so a flipped tile scores
-    differently unless the network averages over flips. offset and tilt are buffers, so two folds'
-    weights hold two different Glances (tilt 0: the plain mean, flip-invariant).
+    differently. offset and tilt are buffers, so two folds' weights hold two different Glances (tilt 0: the
+    plain mean, flip-invariant).
     """
 
     def __init__(self, offset: float = 0.0, tilt: float = 4.0, scale: float = 10.0):
@@ -65,9 +66,17 @@ def tiny_focus(in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> Pla
     return net.eval()
 
 
-def toy_network(offset: float = 0.0, threshold: float = 0.5, num_classes: int = 2) -> GFScreenNetwork:
+def toy_network(offset: float = 0.0, threshold: float = 0.0, num_classes: int = 2) -> GFScreenNetwork:
+    """Focus + MeanIntensityGlance; `threshold` is the gate's threshold logit."""
     return GFScreenNetwork(tiny_focus(num_classes=num_classes), MeanIntensityGlance(offset), num_classes,
-                           threshold=threshold).eval()
+                           GateRule(threshold=threshold)).eval()
+
+
+def write_rule(checkpoint_file, rule: "GateRule") -> None:
+    """Set the gate rule in a checkpoint file's network_weights (what a calibration does, without one)."""
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    Gate.write_rule_into_state_dict(checkpoint["network_weights"], rule)
+    torch.save(checkpoint, checkpoint_file)
 
 
 def toy_plans(patch_size: Sequence[int] = PATCH) -> Tuple[PlansManager, dict]:

@@ -1,66 +1,60 @@
-"""Where a gate calibration lives: in the checkpoint file and in the fold's calibration JSON.
+"""Where a gate calibration lives: the checkpoint file, the one record of it.
 
-Each checkpoint file holds its calibration under the top-level key `gfscreen_calibration` (so it travels
-with `nnUNetv2_export_model_to_zip`, which copies checkpoint files) and the chosen threshold in
-`network_weights['threshold']` (the only thing the stock predictor reads). `<fold>/gfscreen_calibration.json`
-holds the same entries, one per checkpoint name: {"checkpoints": {name: calibration}}. Files are replaced
-atomically (temporary file + os.replace).
+A checkpoint holds its calibration record under the top-level key `gfscreen_calibration` (so it travels with
+`nnUNetv2_export_model_to_zip`, which copies checkpoint files) and the rule it chose as the network's gate
+buffers in `network_weights` (`gate.*`: the only thing the stock predictor reads). `save_calibration` writes
+both in one atomic replacement of the file, so they cannot disagree. `<fold>/gfscreen_calibration.json` is a
+derived copy for reading (one entry per checkpoint name), never read back by the code.
 """
 import json
 import os
-from typing import Optional
 
 import torch
 
 from nnunetv2_gfscreen.atomic import torch_save, write_json
+from nnunetv2_gfscreen.core.gate import Gate, GateRule
 
 CALIBRATION_FILE = "gfscreen_calibration.json"
 CHECKPOINT_KEY = "gfscreen_calibration"
 
 
 def load_calibration(fold_folder: str, checkpoint_name: str = "checkpoint_final.pth") -> dict:
-    """The calibration of `checkpoint_name`: the checkpoint's `gfscreen_calibration` entry, else the fold's
-    gfscreen_calibration.json entry. FileNotFoundError/KeyError when neither has one."""
+    """The calibration record of `checkpoint_name` (its `gfscreen_calibration` entry). FileNotFoundError when the
+    checkpoint is missing, KeyError when it was never calibrated."""
     checkpoint_file = os.path.join(fold_folder, checkpoint_name)
-    if os.path.isfile(checkpoint_file):
-        stored = torch.load(checkpoint_file, map_location='cpu', weights_only=False).get(CHECKPOINT_KEY)
-        if stored is not None:
-            return stored
-    path = os.path.join(fold_folder, CALIBRATION_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no GF-Screen calibration in {checkpoint_file} (key {CHECKPOINT_KEY!r}) nor at "
-                                f"{path}; run nnUNetv2_gfscreen_calibrate for this fold")
-    with open(path) as f:
-        stored = json.load(f)
-    if checkpoint_name not in stored.get("checkpoints", {}):
-        raise KeyError(f"{path} has no calibration for {checkpoint_name} (it has {sorted(stored.get('checkpoints', {}))})")
-    return stored["checkpoints"][checkpoint_name]
+    if not os.path.isfile(checkpoint_file):
+        raise FileNotFoundError(f"{checkpoint_file} not found")
+    stored = torch.load(checkpoint_file, map_location='cpu', weights_only=False).get(CHECKPOINT_KEY)
+    if stored is None:
+        raise KeyError(f"{checkpoint_file} holds no GF-Screen calibration (key {CHECKPOINT_KEY!r}); run "
+                       f"nnUNetv2_gfscreen_calibrate for this fold")
+    return stored
 
 
-def write_threshold_into_checkpoint(checkpoint_file: str, threshold: float, calibration: Optional[dict] = None) -> None:
-    """Set `network_weights['threshold']` of a checkpoint file (and its `gfscreen_calibration` entry when
-    `calibration` is given), replacing the file atomically."""
-    checkpoint = torch.load(checkpoint_file, map_location='cpu', weights_only=False)
+def write_calibration_into_checkpoint(checkpoint: dict, record: dict) -> None:
+    """Put `record` and its rule (as the gate buffers of `network_weights`) into a loaded checkpoint dict."""
     weights = checkpoint.get('network_weights', {})
-    if 'threshold' not in weights:
-        raise KeyError(f"{checkpoint_file} has no network_weights['threshold']: not a GFScreenNetwork checkpoint")
-    weights['threshold'] = torch.tensor(float(threshold), dtype=torch.float64)   # float64: see GFScreenNetwork
-    if calibration is not None:
-        checkpoint[CHECKPOINT_KEY] = calibration
+    if Gate.PREFIX + "threshold" not in weights:
+        raise KeyError("the checkpoint's network_weights have no gate buffers: not a GF-Screen network of this "
+                       "version")
+    Gate.write_rule_into_state_dict(weights, GateRule.from_dict(record["rule"]))
+    checkpoint[CHECKPOINT_KEY] = record
+
+
+def save_calibration(record: dict, fold_folder: str, checkpoint_name: str = "checkpoint_final.pth") -> str:
+    """Store `record` for `checkpoint_name`: into that checkpoint (record and rule, one atomic write) and into the
+    derived JSON copy. Returns the JSON path. FileNotFoundError without the checkpoint."""
+    checkpoint_file = os.path.join(fold_folder, checkpoint_name)
+    if not os.path.isfile(checkpoint_file):
+        raise FileNotFoundError(f"{checkpoint_file} not found: nothing to calibrate")
+    checkpoint = torch.load(checkpoint_file, map_location='cpu', weights_only=False)
+    write_calibration_into_checkpoint(checkpoint, record)
     torch_save(checkpoint, checkpoint_file)
-
-
-def save_calibration(result: dict, fold_folder: str, checkpoint_name: str = "checkpoint_final.pth") -> str:
-    """Store `result` for `checkpoint_name`: into that checkpoint (key and threshold; if the file exists) and
-    into the fold's calibration JSON. Returns the JSON path."""
     path = os.path.join(fold_folder, CALIBRATION_FILE)
     stored = {"checkpoints": {}}
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
-    stored.setdefault("checkpoints", {})[checkpoint_name] = result
-    checkpoint_file = os.path.join(fold_folder, checkpoint_name)
-    if os.path.isfile(checkpoint_file):
-        write_threshold_into_checkpoint(checkpoint_file, result["threshold"], result)
+    stored.setdefault("checkpoints", {})[checkpoint_name] = record
     write_json(stored, path)
     return path

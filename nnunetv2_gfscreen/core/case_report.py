@@ -4,13 +4,24 @@ and its readers (evaluation/reports.py, evaluation/gate.py, evaluation/figures.p
 Tile boxes are in the ORIGINAL image's array index order (as the image reader returns it; SimpleITK: z, y, x),
 half-open and clipped, so they can be laid over the ground truth directly.
 """
-from typing import List, TypedDict
+from typing import List, Optional, TypedDict
 
 
 class TileReport(TypedDict):
     bbox_original: List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
-    score: float                    # Glance p(select) (mean over folds for an ensemble)
-    selected: bool                  # sent to the Focus
+    score: Optional[float]          # Glance logit (mean over folds for an ensemble); None: a dense run, unscored
+    selected: bool                  # sent to the Focus (by the gate or by border growth)
+    grown: bool                     # added by border growth
+
+
+class GateReport(TypedDict):
+    rule: Optional[dict]            # core.gate.GateRule.to_dict() the case was gated with (None: dense, unscored)
+    calibrated: bool                # False: the gate was never calibrated (p(select) > 0.5)
+    tiles_by_floor: int             # tiles the floor added beyond the threshold's
+    fallback: bool                  # the case's median logit fell outside the calibration envelope
+    tiles_by_fallback: int
+    tiles_grown: int                # tiles border growth added
+    median_logit: Optional[float]
 
 
 class LesionReport(TypedDict):
@@ -34,8 +45,9 @@ class _CaseReportRequired(TypedDict):
     glance_seconds: float
     focus_seconds: float
     total_seconds: float
-    threshold: float
+    threshold: float                # logit units
     dense: bool
+    gate: GateReport
     tiles: List[TileReport]
     lesions: List[LesionReport]  # 26-connected components of the predicted mask, largest first
 

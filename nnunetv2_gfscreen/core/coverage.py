@@ -1,6 +1,7 @@
 """Lesion coverage of a Glance-gated sliding window: the pure maths of gate calibration (numpy and cc3d only).
 
-A tile is selected when its score > threshold (`gating.select_tiles`). Tile boxes are (T, 3, 2) int arrays,
+A tile is selected when its score (Glance logit) > threshold, or when the gate's floor selects it whatever its
+score (core/gate.py; `floor` below: such tiles count as selected at every threshold). Tile boxes are (T, 3, 2) int arrays,
 half-open [start, stop) per axis, in the padded volume the predictor tiles. A lesion is a 26-connected
 component of the ground truth; at threshold t it is *covered* when at least `min_covered_fraction` (0.9) of
 its voxels lie in the union of the selected tiles (of their central regions when tile_margin > 0).
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cc3d
 import numpy as np
 
-from nnunetv2_gfscreen.core.lesions import CONNECTIVITY
+from nnunetv2_gfscreen.core.lesions import CONNECTIVITY, SIZE_BIN_KEYS, size_bin
 
 MIN_COVERED_FRACTION = 0.9
 # a tile's central region, the Glance's training label: the middle half of each side (a quarter trimmed
@@ -28,16 +29,36 @@ COLUMNS = ("selection_ratio", "voxel_coverage", "lesion_sensitivity", "tile_sens
 @dataclass
 class CaseCoverage:
     """What calibration keeps of one case."""
-    tile_scores: np.ndarray    # (T,) float64 Glance scores
+    tile_scores: np.ndarray    # (T,) float64 Glance logits
     tile_labels: np.ndarray    # (T,) bool: the (whole) tile holds a lesion voxel
     voxel_scores: np.ndarray   # (U,) float64 ascending: distinct covering max scores of the lesion voxels (-inf: none)
     voxel_counts: np.ndarray   # (U,) int64: lesion voxels with that score
     lesion_scores: np.ndarray  # (L,) float64: lesion l is covered at threshold t iff t < lesion_scores[l]
     lesion_sizes: np.ndarray   # (L,) int64 voxels per lesion
+    lesion_volumes: Optional[np.ndarray] = None  # (L,) float64 mm^3 (voxels x voxel volume)
+    floor: Optional[np.ndarray] = None           # (T,) bool: tiles the gate's floor selects at any threshold
+    case_id: Optional[str] = None
+
+    def __post_init__(self):
+        if self.lesion_volumes is None:
+            self.lesion_volumes = self.lesion_sizes.astype(np.float64)
+        if self.floor is None:
+            self.floor = np.zeros(len(self.tile_scores), bool)
 
     @property
     def n_lesions(self) -> int:
         return len(self.lesion_scores)
+
+    @property
+    def selection_scores(self) -> np.ndarray:
+        """(T,) scores that decide selection: +inf for the floor's tiles."""
+        return np.where(self.floor, np.inf, self.tile_scores)
+
+    @property
+    def statistic(self) -> float:
+        """The case's median tile logit (the gate's out-of-distribution statistic, `gate.case_statistic`)."""
+        return float(np.sort(self.tile_scores)[(len(self.tile_scores) - 1) // 2]) if len(self.tile_scores) \
+            else float("nan")
 
     def at(self, threshold: float) -> dict:
         """This case's operating point at `threshold` (coverage figures None without lesions)."""
@@ -45,12 +66,26 @@ class CaseCoverage:
         n_vox, n_les = int(self.voxel_counts.sum()), self.n_lesions
         covered_vox = int(self.voxel_counts[self.voxel_scores > t].sum())
         covered = int((self.lesion_scores > t).sum())
-        n_sel = int((self.tile_scores > t).sum())
+        n_sel = int((self.selection_scores > t).sum())
         return {"tiles": len(self.tile_scores), "tiles_selected": n_sel,
                 "selection_ratio": n_sel / len(self.tile_scores) if len(self.tile_scores) else None,
                 "lesion_voxels": n_vox, "lesion_voxels_covered": covered_vox,
                 "voxel_coverage": covered_vox / n_vox if n_vox else None,
                 "lesions": n_les, "lesions_covered": covered, "lesion_coverage": covered / n_les if n_les else None}
+
+    def to_dict(self) -> dict:
+        """What a calibration record keeps of the case to refit the rule (no voxel-level arrays)."""
+        return {"case": self.case_id, "tile_scores": self.tile_scores.tolist(),
+                "tile_labels": self.tile_labels.astype(int).tolist(), "floor": self.floor.astype(int).tolist(),
+                "lesion_scores": self.lesion_scores.tolist(), "lesion_sizes": self.lesion_sizes.tolist(),
+                "lesion_volumes": self.lesion_volumes.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaseCoverage":
+        return cls(np.asarray(d["tile_scores"], np.float64), np.asarray(d["tile_labels"], bool),
+                   np.zeros(0, np.float64), np.zeros(0, np.int64), np.asarray(d["lesion_scores"], np.float64),
+                   np.asarray(d["lesion_sizes"], np.int64), np.asarray(d["lesion_volumes"], np.float64),
+                   np.asarray(d["floor"], bool), d.get("case"))
 
 
 def central_boxes(boxes: np.ndarray, image_shape: Sequence[int], tile_margin: float) -> np.ndarray:
@@ -85,22 +120,26 @@ def coverage_rank(sizes: np.ndarray, fraction: float = MIN_COVERED_FRACTION) -> 
 
 
 def case_coverage(lesion: np.ndarray, boxes: np.ndarray, scores: np.ndarray, tile_margin: float = 0.0,
-                  min_covered_fraction: float = MIN_COVERED_FRACTION) -> CaseCoverage:
+                  min_covered_fraction: float = MIN_COVERED_FRACTION, floor: Optional[np.ndarray] = None,
+                  voxel_volume: float = 1.0, case_id: Optional[str] = None) -> CaseCoverage:
     """Coverage summary of one case. lesion: (z, y, x) bool ground truth in the tiled (padded) frame;
-    boxes: (T, 3, 2) tiles; scores: (T,) Glance scores. Only the lesions' bounding box is mapped."""
+    boxes: (T, 3, 2) tiles; scores: (T,) Glance logits; floor: (T,) bool tiles selected at any threshold;
+    voxel_volume: mm^3 per voxel (for the lesion volumes). Only the lesions' bounding box is mapped."""
     lesion = np.asarray(lesion, dtype=bool)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 3, 2)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if lesion.ndim != 3 or len(boxes) != len(scores):
-        raise ValueError(f"need a 3D lesion mask and one score per box, got {lesion.shape}, {len(boxes)} boxes "
-                         f"and {len(scores)} scores")
+    floor = np.zeros(len(scores), bool) if floor is None else np.asarray(floor, bool).reshape(-1)
+    if lesion.ndim != 3 or len(boxes) != len(scores) or len(floor) != len(scores):
+        raise ValueError(f"need a 3D lesion mask and one score and floor flag per box, got {lesion.shape}, "
+                         f"{len(boxes)} boxes, {len(scores)} scores and {len(floor)} floor flags")
     if np.any(boxes[:, :, 0] < 0) or np.any(boxes[:, :, 1] > np.asarray(lesion.shape)):
         raise ValueError(f"tile boxes reach outside the volume {lesion.shape}")
     if not 0 < min_covered_fraction <= 1:
         raise ValueError(f"min_covered_fraction must be in (0, 1], got {min_covered_fraction}")
     empty_f, empty_i = np.zeros(0, np.float64), np.zeros(0, np.int64)
     if not lesion.any():
-        return CaseCoverage(scores, np.zeros(len(scores), bool), empty_f, empty_i, empty_f, empty_i)
+        return CaseCoverage(scores, np.zeros(len(scores), bool), empty_f, empty_i, empty_f, empty_i, empty_f,
+                            floor, case_id)
     region = np.array([[idx[0], idx[-1] + 1] for idx in
                        (np.flatnonzero(lesion.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3))])
     crop = lesion[tuple(slice(a, b) for a, b in region)]
@@ -108,7 +147,8 @@ def case_coverage(lesion: np.ndarray, boxes: np.ndarray, scores: np.ndarray, til
     hi = np.minimum(boxes[:, :, 1], region[:, 1]) - region[:, 0]
     labels = np.array([bool(np.all(h > l) and crop[tuple(slice(a, b) for a, b in zip(l, h))].any())
                        for l, h in zip(lo, hi)], dtype=bool)
-    values = max_score_map(central_boxes(boxes, lesion.shape, tile_margin), scores, region)[crop]
+    values = max_score_map(central_boxes(boxes, lesion.shape, tile_margin), np.where(floor, np.inf, scores),
+                           region)[crop]
     components = cc3d.connected_components(crop, connectivity=CONNECTIVITY)[crop].astype(np.int64)
     voxel_scores, voxel_counts = np.unique(values, return_counts=True)
     order = np.lexsort((-values, components))  # by lesion, then by score descending
@@ -116,7 +156,8 @@ def case_coverage(lesion: np.ndarray, boxes: np.ndarray, scores: np.ndarray, til
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     lesion_scores = values[order][starts + coverage_rank(sizes, min_covered_fraction) - 1]
     return CaseCoverage(scores, labels, voxel_scores.astype(np.float64), voxel_counts.astype(np.int64),
-                        lesion_scores.astype(np.float64), sizes.astype(np.int64))
+                        lesion_scores.astype(np.float64), sizes.astype(np.int64),
+                        sizes.astype(np.float64) * float(voxel_volume), floor, case_id)
 
 
 # ---------------------------------------------------------------------- operating curve
@@ -144,28 +185,48 @@ def _above(sorted_values: np.ndarray, thresholds: np.ndarray, weights: Optional[
 def operating_curve(cases: Sequence[CaseCoverage], thresholds: Optional[np.ndarray] = None) -> Dict[str, list]:
     """Pooled operating curve of `cases`: 'threshold' (ascending, default `candidate_thresholds` of all tile
     scores) and the COLUMNS at each threshold as JSON-ready lists (None where undefined: no lesion, no
-    positive or no negative tile). Every column is non-increasing in the threshold except tile_specificity."""
+    positive or no negative tile), plus 'case_miss_rate' (the mean over cases with lesions of the share of
+    their lesions missed: the risk that conformal risk control bounds) and the lesion-level sensitivity per
+    size bin ('lesion_sensitivity_<key>' for the keys of core.lesions.SIZE_BIN_KEYS). Every column is
+    non-increasing in the threshold except tile_specificity and case_miss_rate."""
     if not len(cases):
         raise ValueError("an operating curve needs at least one case")
     scores = np.concatenate([c.tile_scores for c in cases])
     t = candidate_thresholds(scores) if thresholds is None else np.asarray(thresholds, np.float64)
+    selection = np.sort(np.concatenate([c.selection_scores for c in cases]))
     labels = np.concatenate([c.tile_labels for c in cases])
     vox = np.concatenate([c.voxel_scores for c in cases])
     counts = np.concatenate([c.voxel_counts for c in cases])
     order = np.argsort(vox, kind="stable")
-    lesions = np.sort(np.concatenate([c.lesion_scores for c in cases]))
+    lesion_scores = np.concatenate([c.lesion_scores for c in cases])
+    lesions = np.sort(lesion_scores)
+    bins = size_bin(np.concatenate([c.lesion_volumes for c in cases]))
     n, n_pos, n_vox = len(scores), int(labels.sum()), int(counts.sum())
 
     def ratio(num, den):
         return [float(v) / den for v in num] if den else [None] * len(t)
     return {
         "threshold": [float(v) for v in t],
-        "selection_ratio": ratio(_above(np.sort(scores), t), n),
+        "selection_ratio": ratio(_above(selection, t), n),
         "voxel_coverage": ratio(_above(vox[order], t, counts[order]), n_vox),
         "lesion_sensitivity": ratio(_above(lesions, t), len(lesions)),
         "tile_sensitivity": ratio(_above(np.sort(scores[labels]), t), n_pos),
         "tile_specificity": [None if v is None else 1 - v for v in ratio(_above(np.sort(scores[~labels]), t), n - n_pos)],
+        "case_miss_rate": case_miss_rate(cases, t),
+        **{f"lesion_sensitivity_{key}": ratio(_above(np.sort(lesion_scores[bins == b]), t), int((bins == b).sum()))
+           for b, key in enumerate(SIZE_BIN_KEYS)},
     }
+
+
+def case_miss_rate(cases: Sequence[CaseCoverage], thresholds: np.ndarray) -> list:
+    """At each threshold, the mean over cases with lesions of the share of their lesions missed (a lesion is
+    missed at t iff its coverage score <= t); None without such cases."""
+    with_lesions = [c for c in cases if c.n_lesions]
+    t = np.asarray(thresholds, np.float64)
+    if not with_lesions:
+        return [None] * len(t)
+    missed = sum(np.searchsorted(np.sort(c.lesion_scores), t, side="right") / c.n_lesions for c in with_lesions)
+    return [float(v) for v in missed / len(with_lesions)]
 
 
 def _column(curve: dict, name: str) -> np.ndarray:
@@ -177,7 +238,7 @@ def curve_at(curve: dict, threshold: float) -> dict:
     any other threshold, `operating_curve(cases, [threshold])` is exact)."""
     t = np.asarray(curve["threshold"], np.float64)
     i = max(int(np.searchsorted(t, np.float64(threshold), side="right")) - 1, 0)
-    return {k: curve[k][i] for k in ("threshold",) + COLUMNS if k in curve}
+    return {k: v[i] for k, v in curve.items()}
 
 
 def threshold_for_target(curve: dict, target: float, column: str = "lesion_sensitivity") -> float:
@@ -190,28 +251,6 @@ def threshold_for_target(curve: dict, target: float, column: str = "lesion_sensi
         raise ValueError(f"the calibration curve has no {column} (no lesions in the calibration cases)")
     ok = np.flatnonzero(values >= target - 1e-12)
     return float(curve["threshold"][ok[-1] if len(ok) else 0])
-
-
-def threshold_for_max_selection(curve: dict, max_selection: float) -> float:
-    """The lowest curve threshold whose selection ratio is <= max_selection (the most sensitive within it)."""
-    if not 0 <= max_selection <= 1:
-        raise ValueError(f"max_selection must be in [0, 1], got {max_selection}")
-    ok = np.flatnonzero(_column(curve, "selection_ratio") <= max_selection + 1e-12)
-    return float(curve["threshold"][ok[0] if len(ok) else -1])
-
-
-def choose_threshold(curve: dict, target: Optional[float] = None,
-                     max_selection: Optional[float] = None) -> Tuple[float, str]:
-    """Threshold for a lesion-level sensitivity target and/or a selection budget, and which one bound:
-    the target's threshold, raised if needed until the selection ratio is <= max_selection."""
-    if target is None and max_selection is None:
-        raise ValueError("give a target sensitivity, a maximum selection ratio or both")
-    t_target = None if target is None else threshold_for_target(curve, target)
-    t_budget = None if max_selection is None else threshold_for_max_selection(curve, max_selection)
-    if t_budget is None or (t_target is not None and t_target >= t_budget):
-        reached = _column(curve, "lesion_sensitivity")[curve["threshold"].index(t_target)] >= target - 1e-12
-        return t_target, "lesion-level sensitivity target" + ("" if reached else " (not reached: every tile)")
-    return t_budget, "selection budget"
 
 
 def thin_curve(curve: dict, keep: Sequence[float] = (), max_points: int = 2000) -> dict:
@@ -227,69 +266,3 @@ def thin_curve(curve: dict, keep: Sequence[float] = (), max_points: int = 2000) 
     idx.update(int(np.searchsorted(t, np.float64(k))) for k in keep)
     rows = sorted(i for i in idx if 0 <= i < n)
     return {k: [v[i] for i in rows] for k, v in curve.items()}
-
-
-# ---------------------------------------------------------------------- leave one case out
-def logit(p) -> np.ndarray:
-    """log(p / (1 - p)) in float64; p = 1 gives +inf and p = 0 gives -inf (no warnings)."""
-    p = np.asarray(p, np.float64)
-    with np.errstate(divide="ignore"):
-        return np.log(p) - np.log1p(-p)
-
-
-def loco_margin(cases: Sequence[CaseCoverage], loco: dict, target: float) -> Optional[float]:
-    """The smallest margin m >= 0 in logit units such that lowering each case's leave-one-case-out threshold
-    by m covers at least `target` of all the lesions (pooled). None when no case with lesions has a
-    leave-one-case-out threshold fitted on other lesions.
-
-    Why: the highest threshold that reaches the target on a few calibration lesions sits right at the
-    weakest one's score, and a confident Glance spreads lesion scores over tens of logits, so a new
-    lesion is easily missed (learning check: 4 validation cases, 5 lesions, 1 of them missed under
-    leave-one-case-out). The margin that would have rescued the held-out lesions is an estimate, made
-    on the calibration cases themselves, of how far below its in-sample value the threshold must go.
-    """
-    gaps = []
-    for case, row in zip(cases, loco["cases"]):
-        if case.n_lesions and not row["fallback"]:
-            # lesion l is covered at t iff t < its score: missed by logit(t) - logit(score) when positive
-            gaps.append(logit(row["threshold"]) - logit(case.lesion_scores))
-    if not gaps:
-        return None
-    gaps = np.sort(np.concatenate(gaps))
-    need = gaps[int(coverage_rank(np.array([len(gaps)]), target)[0]) - 1]
-    # strictly more than needed (covered iff threshold < score); 1e-6 logits survive the round trip through exp
-    return 0.0 if need < 0 else float(need + 1e-6)
-
-
-def lower_by_logit(threshold: float, margin: float) -> float:
-    """sigmoid(logit(threshold) - margin): the threshold lowered by `margin` in logit units."""
-    if margin == 0:
-        return float(threshold)
-    return float(1.0 / (1.0 + np.exp(-(logit(threshold) - margin))))
-
-
-def leave_one_case_out(cases: Sequence[CaseCoverage], target: float, fallback_threshold: float,
-                       case_ids: Optional[Sequence[str]] = None) -> dict:
-    """For each case, the threshold fitted (same rule and target) on all *other* cases and this case's
-    operating point at it, plus the pooled figures. A case whose other cases hold no lesion (e.g. the only
-    case) gets `fallback_threshold` and 'fallback': True. JSON-ready."""
-    case_ids = [f"case_{i}" for i in range(len(cases))] if case_ids is None else list(case_ids)
-    if len(case_ids) != len(cases):
-        raise ValueError(f"{len(case_ids)} case ids for {len(cases)} cases")
-    total_lesions = sum(c.n_lesions for c in cases)
-    rows: List[dict] = []
-    for i, case in enumerate(cases):
-        others = [c for j, c in enumerate(cases) if j != i]
-        fallback = total_lesions - case.n_lesions == 0
-        t = fallback_threshold if fallback else threshold_for_target(operating_curve(others), target)
-        rows.append({"case": str(case_ids[i]), "threshold": float(t), "fallback": fallback, **case.at(t)})
-    tiles, sel = sum(r["tiles"] for r in rows), sum(r["tiles_selected"] for r in rows)
-    n_vox, n_les = sum(r["lesion_voxels"] for r in rows), sum(r["lesions"] for r in rows)
-    cov_vox = sum(r["lesion_voxels_covered"] for r in rows)
-    covered = sum(r["lesions_covered"] for r in rows)
-    return {"target_lesion_sensitivity": float(target), "cases": rows,
-            "n_fallback": sum(r["fallback"] for r in rows),
-            "selection_ratio": sel / tiles if tiles else None,
-            "voxel_coverage": cov_vox / n_vox if n_vox else None,
-            "lesion_sensitivity": covered / n_les if n_les else None,
-            "lesions": n_les, "lesions_covered": covered}

@@ -10,15 +10,24 @@ Box = List[List[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open
 class SlidingWindowRecord:
     """What one gated sliding window did (one case, one fold's weights).
 
-    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped. In a fold
-    ensemble every fold's record holds the case's shared decision (scores: p from the folds' mean logit,
-    threshold: the pooled one); the first fold's record carries the Glance time of all folds, the others 0.
+    bboxes are tile boxes in preprocessed (unpadded) voxel coordinates, half-open and clipped. scores are Glance
+    logits (empty when a dense run did not score); threshold is in logit units. selected is what the Focus
+    predicted: the gate's decision (threshold, floor, fallback; `rule`, `tiles_by_floor`, `fallback`) plus the
+    tiles border growth added (`grown`). In a fold ensemble every fold's record holds the case's shared
+    decision (scores: the folds' mean logit, the pooled rule); the first fold's record carries the Glance time
+    of all folds, the others 0.
     """
     image_shape: Tuple[int, ...]
     bboxes: List[Box] = field(default_factory=list)
     scores: List[float] = field(default_factory=list)
     selected: List[bool] = field(default_factory=list)
+    grown: List[bool] = field(default_factory=list)
     threshold: float = float("nan")
+    rule: Optional[dict] = None
+    tiles_by_floor: int = 0
+    fallback: bool = False
+    tiles_by_fallback: int = 0
+    statistic: float = float("nan")
     dense: bool = False
     glance_seconds: float = 0.0
     focus_seconds: float = 0.0
@@ -26,6 +35,10 @@ class SlidingWindowRecord:
     @property
     def tiles_selected(self) -> int:
         return int(sum(self.selected))
+
+    @property
+    def tiles_grown(self) -> int:
+        return int(sum(self.grown))
 
 
 def selected_tiles_bbox(records: Sequence[SlidingWindowRecord]) -> Optional[Box]:

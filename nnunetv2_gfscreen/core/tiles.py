@@ -19,7 +19,7 @@ def sliding_window_slicers(image_size: Sequence[int], patch_size: Sequence[int],
 @torch.inference_mode()
 def score_tile_logits(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
                       device: torch.device) -> torch.Tensor:
-    """Glance select logit (`GFScreenNetwork.glance_logits`, mirror-averaged) for every tile.
+    """Glance select logit (`GFScreenNetwork.glance_logits`: the score of every path) for every tile.
     data: (C, *shape) (already padded); returns (len(slicers),) float64 on CPU.
 
     Tiles are scored in batches of `batch_size`; the Glance normalises per tile (InstanceNorm), so a
@@ -33,11 +33,3 @@ def score_tile_logits(network: GFScreenNetwork, data: torch.Tensor, slicers: Seq
         x = torch.stack([data[s] for s in chunk]).to(device, non_blocking=True)
         logits.append(network.glance_logits(x).double().cpu())
     return torch.cat(logits) if logits else torch.zeros(0, dtype=torch.float64)
-
-
-@torch.inference_mode()
-def score_tiles(network: GFScreenNetwork, data: torch.Tensor, slicers: Sequence[tuple], batch_size: int,
-                device: torch.device) -> torch.Tensor:
-    """Glance p(select) for every tile (sigmoid of `score_tile_logits`, as `glance_probabilities`):
-    (len(slicers),) float64 on CPU."""
-    return torch.sigmoid(score_tile_logits(network, data, slicers, batch_size, device))

@@ -24,7 +24,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunetv2_gfscreen.atomic import atomic_path
-from nnunetv2_gfscreen.core.coverage import logit
 from nnunetv2_gfscreen.evaluation.figure_data import (_num, _parse_tiles, choose_centre, display_window, format_title,
                                                       percentile_window, tile_maps)
 
@@ -39,9 +38,11 @@ SCORE_CMAP = "inferno"
 LOGIT_RANGE = 20.0  # the score shading spans logits -20 .. 20 (p from 2e-9 to 1 - 2e-9)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    """coverage.logit clipped to +-LOGIT_RANGE; NaN stays NaN."""
-    return np.clip(logit(p), -LOGIT_RANGE, LOGIT_RANGE)
+def _clip_logit(z: np.ndarray) -> np.ndarray:
+    """Glance logits (report scores) clipped to the shading range."""
+    return np.clip(np.asarray(z, np.float64), -LOGIT_RANGE, LOGIT_RANGE)
+
+
 SCORE_ALPHA = (0.03, 0.42)  # overlay opacity at score 0 and 1: low scores barely tint the CT
 SCORE_CMAP_RANGE = (0.15, 0.92)  # part of the colormap used: no near-black start, no washed-out top
 CONTOUR_WIDTH = 1.6
@@ -220,7 +221,7 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
                   aspect=aspect, zorder=0)
         score2d, union = tile_maps(boxes, scores, selected, shape, axis, index)
         if has_scores:
-            ax.imshow(np.ma.masked_invalid(_logit(score2d)), cmap=score_cmap, norm=norm, interpolation="nearest",
+            ax.imshow(np.ma.masked_invalid(_clip_logit(score2d)), cmap=score_cmap, norm=norm, interpolation="nearest",
                       origin=origin, aspect=aspect, zorder=1)
         _edge_outline(ax, union, SELECTED_COLOUR, SELECTED_WIDTH, zorder=2)
         for m, colour, z in ((gt2d, GT_COLOUR, 4), (pred2d, PRED_COLOUR, 3)):
@@ -267,10 +268,9 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
         bar.set_ticks([-LOGIT_RANGE, -LOGIT_RANGE / 2, 0, LOGIT_RANGE / 2, LOGIT_RANGE])
         bar.ax.tick_params(labelsize=7, length=2, pad=1)
         label = "Glance logit, tile max"
-        if threshold is not None and 0 <= threshold <= 1:
-            t = float(_logit(np.array(threshold)))
-            bar.ax.axvline(float(np.clip(t, -LOGIT_RANGE, LOGIT_RANGE)), color=SELECTED_COLOUR, lw=2)
-            label += f"; threshold {t:.3g} (p {threshold:.7g})"
+        if threshold is not None and np.isfinite(threshold):
+            bar.ax.axvline(float(np.clip(threshold, -LOGIT_RANGE, LOGIT_RANGE)), color=SELECTED_COLOUR, lw=2)
+            label += f"; threshold {threshold:.3g}"
         bar.set_label(label, fontsize=8, labelpad=2)
         cax.xaxis.set_label_position("top")
 

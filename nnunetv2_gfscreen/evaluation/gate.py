@@ -1,11 +1,13 @@
-"""How good was the gate on test cases: tile AUC, lesion coverage, and a random gate at the same budget.
+"""How good was the gate on test cases: tile AUC, lesion coverage (also per lesion size), and a random gate.
 
-Reads the predictor's per-case reports (tile boxes in the original image, Glance scores, the tiles
-selected) and the ground truth. Coverage is the calibration's (`coverage.py`): a lesion (26-connected)
-is covered when at least 90% of its voxels lie in the union of selected tiles. With tile step 0.5
-every voxel lies in up to 8 tiles, so even a random gate covers many lesions: the random gate at the
-same selection ratio, per case, is the baseline to beat (`random_gate_coverage`).
+A `GateCase` is what the gate did on one case (tile boxes, Glance scores, the tiles the Focus predicted) with
+its ground truth, in one voxel frame: the predictor's reports give boxes in the original image
+(`cases_from_reports`), the trainer's final validation in preprocessed voxels. Coverage is the calibration's
+(`coverage.py`): a lesion (26-connected) is covered when at least 90% of its voxels lie in the union of the
+selected tiles. With tile step 0.5 every voxel lies in up to 8 tiles, so even a random gate covers many
+lesions: the random gate at the same number of tiles per case is the baseline to beat (`random_gate_coverage`).
 """
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -13,8 +15,20 @@ import numpy as np
 from scipy.stats import rankdata
 
 from nnunetv2_gfscreen.core.case_report import CaseReport
-from nnunetv2_gfscreen.core.coverage import (CENTRAL_MARGIN, CaseCoverage, case_coverage, central_boxes, operating_curve,
-                                        threshold_for_target)
+from nnunetv2_gfscreen.core.coverage import (CENTRAL_MARGIN, case_coverage, central_boxes, operating_curve,
+                                             threshold_for_target)
+from nnunetv2_gfscreen.core.lesions import SIZE_BIN_KEYS, SIZE_BINS, size_bin
+
+
+@dataclass
+class GateCase:
+    """One case as the gate saw it: boxes (T, 3, 2) half-open in the frame of `lesion` ((z, y, x) bool ground
+    truth), scores (T,) Glance logits, selected (T,) bool: the tiles the Focus predicted."""
+    boxes: np.ndarray
+    scores: np.ndarray
+    selected: np.ndarray
+    lesion: np.ndarray
+    voxel_volume: float = 1.0  # mm^3, for the size bins
 
 
 def tile_auc(scores: np.ndarray, positive: np.ndarray) -> Optional[float]:
@@ -32,6 +46,17 @@ def report_boxes(report: dict) -> np.ndarray:
     return np.array([t["bbox_original"] for t in report["tiles"]], dtype=np.int64).reshape(-1, 3, 2)
 
 
+def cases_from_reports(reports: Sequence[CaseReport], labels: Sequence[np.ndarray],
+                       voxel_volumes: Optional[Sequence[float]] = None) -> List[GateCase]:
+    """GateCases from the predictor's reports (boxes in the original image) and the ground truths."""
+    if len(reports) != len(labels):
+        raise ValueError(f"need one label per report, got {len(reports)} and {len(labels)}")
+    volumes = voxel_volumes or [1.0] * len(reports)
+    return [GateCase(report_boxes(r), np.array([t["score"] for t in r["tiles"]], np.float64),
+                     np.array([t["selected"] for t in r["tiles"]], bool), np.asarray(gt) > 0, float(v))
+            for r, gt, v in zip(reports, labels, volumes)]
+
+
 def central_labels(lesion: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """(T,) bool: the tile's central region (a quarter of each side trimmed, untrimmed at the image border)
     holds a lesion voxel: the Glance's training label (trainers/group_sampling.py)."""
@@ -40,58 +65,73 @@ def central_labels(lesion: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def random_gate_coverage(lesion: np.ndarray, boxes: np.ndarray, n_selected: int, repeats: int = 100,
-                         seed: int = 0) -> Dict[str, float]:
-    """Mean voxel and lesion coverage of a gate that selects `n_selected` of the tiles uniformly at random."""
+                         seed: int = 0, voxel_volume: float = 1.0) -> Dict[str, object]:
+    """Mean voxel and lesion coverage (also per size bin) of a gate that selects `n_selected` of the tiles
+    uniformly at random."""
     rng = np.random.default_rng(seed)
-    voxel, lesions = [], []
+    voxel, lesions, per_bin = [], [], []
     for _ in range(repeats):
         scores = np.zeros(len(boxes), np.float64)
         scores[rng.choice(len(boxes), size=min(n_selected, len(boxes)), replace=False)] = 1.0
-        at = case_coverage(lesion, boxes, scores).at(0.5)
+        cov = case_coverage(lesion, boxes, scores, voxel_volume=voxel_volume)
+        at = cov.at(0.5)
         voxel.append(at["voxel_coverage"])
         lesions.append(at["lesions_covered"])
-    return {"voxel_coverage": float(np.mean(voxel)), "lesions_covered": float(np.mean(lesions))}
+        bins = size_bin(cov.lesion_volumes)
+        per_bin.append([int((cov.lesion_scores[bins == b] > 0.5).sum()) for b in range(len(SIZE_BINS))])
+    return {"voxel_coverage": None if voxel[0] is None else float(np.mean(voxel)),
+            "lesions_covered": float(np.mean(lesions)), "lesions_covered_by_bin": np.mean(per_bin, 0).tolist()}
 
 
-def gate_figures(reports: Sequence[CaseReport], labels: Sequence[np.ndarray], target: float = 0.98,
-                 random_repeats: int = 100) -> dict:
-    """Pooled gate figures of test cases (reports and their ground-truth masks, original image arrays).
+def gate_figures(cases: Sequence[GateCase], target: float = 0.98, random_repeats: int = 100) -> dict:
+    """Pooled gate figures of test cases.
 
     - tile_auc: Glance scores vs "the tile holds a lesion voxel" (slivers at a tile's edge count);
       tile_auc_central: vs "the tile's central region holds a lesion voxel" (the Glance's training label);
-    - at the applied thresholds (each report's `selected`): selection_ratio, voxel_coverage, lesion_coverage;
+    - at the applied gate (each case's `selected`): selection_ratio, voxel_coverage, lesion_coverage, and per
+      lesion-size bin (`size_bins`: lesions, covered, and what a random gate covers);
     - random_*: a random gate selecting as many tiles per case (mean over `random_repeats` draws);
     - oracle_selection_for_target: the selection ratio the Glance's scores would need on *these* cases for
       lesion coverage `target` (threshold picked on the test cases themselves: a bound, not a result).
     """
-    if len(reports) != len(labels) or not reports:
-        raise ValueError(f"need one label per report and at least one case, got {len(reports)} and {len(labels)}")
-    scores, positive, central, cases, applied, randoms = [], [], [], [], [], []
-    for report, gt in zip(reports, labels):
-        gt = np.asarray(gt) > 0
-        boxes = report_boxes(report)
-        s = np.array([t["score"] for t in report["tiles"]], np.float64)
-        selected = np.array([t["selected"] for t in report["tiles"]], bool)
-        cov: CaseCoverage = case_coverage(gt, boxes, s)
-        cases.append(cov)
-        scores.append(s)
+    if not cases:
+        raise ValueError("need at least one case")
+    scores, positive, central, coverages, applied, randoms, bins, covered = [], [], [], [], [], [], [], []
+    for case in cases:
+        cov = case_coverage(case.lesion, case.boxes, case.scores, voxel_volume=case.voxel_volume)
+        coverages.append(cov)
+        scores.append(case.scores)
         positive.append(cov.tile_labels)
-        central.append(central_labels(gt, boxes))
+        central.append(central_labels(case.lesion, case.boxes))
         # the applied gate as scores: 1 for selected tiles, 0 otherwise, read at 0.5
-        applied.append(case_coverage(gt, boxes, selected.astype(np.float64)).at(0.5))
-        randoms.append(random_gate_coverage(gt, boxes, int(selected.sum()), random_repeats) if gt.any()
-                       else {"voxel_coverage": None, "lesions_covered": 0.0})
+        gated = case_coverage(case.lesion, case.boxes, case.selected.astype(np.float64),
+                              voxel_volume=case.voxel_volume)
+        applied.append(gated.at(0.5))
+        bins.append(size_bin(gated.lesion_volumes))
+        covered.append(gated.lesion_scores > 0.5)
+        randoms.append(random_gate_coverage(case.lesion, case.boxes, int(case.selected.sum()), random_repeats,
+                                            voxel_volume=case.voxel_volume) if case.lesion.any()
+                       else {"voxel_coverage": None, "lesions_covered": 0.0,
+                             "lesions_covered_by_bin": [0.0] * len(SIZE_BINS)})
     n_tiles = sum(a["tiles"] for a in applied)
     n_vox = sum(a["lesion_voxels"] for a in applied)
     n_les = sum(a["lesions"] for a in applied)
-    curve = operating_curve(cases)
     oracle = None
     if n_les:
+        curve = operating_curve(coverages)
         t = threshold_for_target(curve, target)
         oracle = curve["selection_ratio"][curve["threshold"].index(t)]
+    bins, covered = np.concatenate(bins), np.concatenate(covered)
+    size_bins = []
+    for b, (name, key) in enumerate(zip(SIZE_BINS, SIZE_BIN_KEYS)):
+        m = int((bins == b).sum())
+        k = int(covered[bins == b].sum())
+        rnd = sum(r["lesions_covered_by_bin"][b] for r in randoms)
+        size_bins.append({"bin": name, "key": key, "lesions": m, "covered": k, "coverage": k / m if m else None,
+                          "random_coverage": rnd / m if m else None})
     vox_weighted = lambda key: sum((r[key] or 0.0) * a["lesion_voxels"] for r, a in zip(randoms, applied)) / n_vox
     return {
-        "cases": len(reports), "tiles": n_tiles, "lesions": n_les,
+        "cases": len(cases), "tiles": n_tiles, "lesions": n_les,
         "tile_auc": tile_auc(np.concatenate(scores), np.concatenate(positive)),
         "tile_auc_central": tile_auc(np.concatenate(scores), np.concatenate(central)),
         "selection_ratio": sum(a["tiles_selected"] for a in applied) / n_tiles if n_tiles else None,
@@ -99,6 +139,7 @@ def gate_figures(reports: Sequence[CaseReport], labels: Sequence[np.ndarray], ta
         "lesion_coverage": sum(a["lesions_covered"] for a in applied) / n_les if n_les else None,
         "random_voxel_coverage": vox_weighted("voxel_coverage") if n_vox else None,
         "random_lesion_coverage": sum(r["lesions_covered"] for r in randoms) / n_les if n_les else None,
+        "size_bins": size_bins,
         "oracle_target": target, "oracle_selection_for_target": oracle,
     }
 
@@ -111,12 +152,15 @@ def gate_figures_from_folders(report_dir: Path, labels_dir: Path, file_ending: s
 
     reports: List[CaseReport] = []
     labels: List[np.ndarray] = []
+    volumes: List[float] = []
     for path in sorted(Path(report_dir).glob("*.json")):
         report = load_report(str(path))
-        if "tiles" not in report:
+        if not report.get("tiles") or any(t.get("score") is None for t in report["tiles"]):
             continue
         reports.append(report)
-        labels.append(sitk.GetArrayFromImage(sitk.ReadImage(str(Path(labels_dir) / f"{report['case']}{file_ending}"))))
+        image = sitk.ReadImage(str(Path(labels_dir) / f"{report['case']}{file_ending}"))
+        labels.append(sitk.GetArrayFromImage(image))
+        volumes.append(float(np.prod(image.GetSpacing())))
     if not reports:
-        raise FileNotFoundError(f"no case report with tiles in {report_dir}")
-    return gate_figures(reports, labels, **kwargs)
+        raise FileNotFoundError(f"no case report with scored tiles in {report_dir}")
+    return gate_figures(cases_from_reports(reports, labels, volumes), **kwargs)

@@ -10,7 +10,9 @@ from typing import Any, Mapping, Optional
 
 PLANS_KEY = "gfscreen"
 # keys that no longer exist, with what replaced them
-RENAMED = {"target_tile_sensitivity": "target_lesion_sensitivity"}
+RENAMED = {"target_tile_sensitivity": "target_lesion_sensitivity",
+           "threshold": "nothing: an uncalibrated gate selects tiles with p(select) > 0.5 until calibration sets its "
+                        "rule"}
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,16 @@ class GFScreenSettings:
     glance_dense_stage: int = 1  # encoder stage whose output the dense head reads (0 is finer, for small lesions)
     glance_ema_decay: float = 0.99  # EMA of the Glance's weights, used for validation, calibration, inference
     glance_aug_p: float = 0.5  # probability per tile of intensity augmentation of the Glance's input
-    threshold: float = 0.5  # gate threshold until calibration replaces it
     # calibration target for the gate threshold: share of lesions with >= 90% of their voxels in selected tiles
     target_lesion_sensitivity: float = 0.98
     # coverage counted by the tiles' central regions: this fraction of each side is ignored at inner faces
     calibration_tile_margin: float = 0.25
+    calibration_confidence: float = 0.95  # confidence of the Clopper-Pearson bound the calibration reports
+    gate_floor: float = 0.02  # share of each case's tiles always selected, by Glance rank (shift-robust)
+    # a case whose median tile logit lies this many logits outside the calibration cases' range is gated densely
+    # (the fallback); inf turns it off
+    gate_fallback_tolerance: float = 5.0
+    gate_border_growth: int = 1  # 1: predict the tiles beyond a lesion cut by the selection's border
 
     def __post_init__(self):
         checks = {
@@ -55,9 +62,12 @@ class GFScreenSettings:
             "glance_aug_p": 0 <= self.glance_aug_p <= 1,
             "glance_lr": self.glance_lr > 0,
             "glance_weight_decay": self.glance_weight_decay >= 0,
-            "threshold": 0 <= self.threshold <= 1,
             "target_lesion_sensitivity": 0 < self.target_lesion_sensitivity <= 1,
             "calibration_tile_margin": 0 <= self.calibration_tile_margin < 0.5,
+            "calibration_confidence": 0 < self.calibration_confidence < 1,
+            "gate_floor": 0 <= self.gate_floor <= 1,
+            "gate_fallback_tolerance": self.gate_fallback_tolerance >= 0,
+            "gate_border_growth": self.gate_border_growth in (0, 1),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -71,9 +81,9 @@ class GFScreenSettings:
         overrides = dict(overrides or {})
         renamed = sorted(set(overrides) & set(RENAMED))
         if renamed:
-            raise ValueError(f"GF-Screen setting(s) {renamed} no longer exist: the gate is now calibrated on lesion "
-                             f"coverage; use {[RENAMED[k] for k in renamed]} (lesion-level sensitivity target; "
-                             f"in an existing plans file rename the key in the configuration's gfscreen block)")
+            raise ValueError(f"GF-Screen setting(s) {renamed} no longer exist; instead: "
+                             f"{[RENAMED[k] for k in renamed]} (in an existing plans file edit the configuration's "
+                             f"gfscreen block)")
         allowed = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(overrides) - set(allowed))
         if unknown:

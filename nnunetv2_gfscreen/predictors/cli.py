@@ -26,8 +26,10 @@ from nnunetv2.utilities.helpers import empty_cache
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunetv2_gfscreen.atomic import stale_partials
-from nnunetv2_gfscreen.core.coverage import choose_threshold, curve_at
+from nnunetv2_gfscreen.core.calibration import RECORD_VERSION, refit_rule
 from nnunetv2_gfscreen.core.calibration_store import load_calibration
+from nnunetv2_gfscreen.core.gate import Gate, GateRule
+from nnunetv2_gfscreen.core.operating_point import describe_certificate
 from nnunetv2_gfscreen.core.records import selected_tiles_bbox
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor
 from nnunetv2_gfscreen.predictors.cli_args import build_parser
@@ -188,28 +190,25 @@ def predict_case(predictor: GFScreenPredictor, image_files: List[str], output_fi
     return _export_stage(predictor, state, report_dir, png, save_probabilities, torch.get_num_threads())
 
 
-def thresholds_from_calibration(model_folder: str, folds: Sequence, checkpoint_name: str,
-                                target_sensitivity: Optional[float] = None,
-                                max_selection: Optional[float] = None) -> List[float]:
-    """Each fold's threshold from its stored operating curve (`coverage.choose_threshold`); prints them with
-    the curve's selection ratio and lesion-level sensitivity at them and which constraint bound."""
-    wanted = [f"lesion-level sensitivity >= {target_sensitivity}"] if target_sensitivity is not None else []
+def rules_from_calibration(model_folder: str, folds: Sequence, checkpoint_name: str,
+                           target_sensitivity: Optional[float] = None,
+                           max_selection: Optional[float] = None) -> List[GateRule]:
+    """Each fold's gate rule re-fitted from its stored calibration cases (`calibration.refit_rule`, the
+    calibration's own rule); prints each threshold and what the calibration cases certify at it."""
+    wanted = [f"lesion-level sensitivity target {target_sensitivity}"] if target_sensitivity is not None else []
     wanted += [f"selection ratio <= {max_selection}"] if max_selection is not None else []
-    print(f"gate thresholds from the stored calibration curves for {' and '.join(wanted)}:")
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    thresholds = []
+    print(f"gate rules re-fitted from the stored calibration for {' and '.join(wanted)}:")
+    rules = []
     for f in folds:
-        calibration = load_calibration(join(model_folder, f'fold_{f}'), checkpoint_name)
-        if "curve" not in calibration:
-            raise ValueError(f"fold {f}'s calibration predates lesion-level calibration (it has no operating "
-                             f"curve); run nnUNetv2_gfscreen_calibrate for it again")
-        t, bound = choose_threshold(calibration["curve"], target_sensitivity, max_selection)
-        row = curve_at(calibration["curve"], t)
-        print(f"  fold {f}: threshold {t:.6g} (bound by the {bound}): selection ratio "
-              f"{fmt(row['selection_ratio'])}, lesion-level sensitivity {fmt(row['lesion_sensitivity'])} "
-              f"on its calibration cases")
-        thresholds.append(t)
-    return thresholds
+        record = load_calibration(join(model_folder, f'fold_{f}'), checkpoint_name)
+        if record.get("version") != RECORD_VERSION:
+            raise ValueError(f"fold {f}'s calibration record is from an older version; run nnUNetv2_gfscreen_calibrate "
+                             f"for it again")
+        rule, cert, bound = refit_rule(record, target_sensitivity, max_selection)
+        print(f"  fold {f}: threshold logit {rule.threshold:.6g} (bound by the {bound}); "
+              f"{describe_certificate(cert)}")
+        rules.append(rule)
+    return rules
 
 
 def _device(name: str) -> torch.device:
@@ -221,6 +220,14 @@ def _device(name: str) -> torch.device:
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
     return torch.device(name)
+
+
+def _warn_if_uncalibrated(predictor: GFScreenPredictor) -> None:
+    uncalibrated = [i for i, p in enumerate(predictor.list_of_parameters) if not Gate.rule_from_state_dict(p).calibrated]
+    if uncalibrated and not predictor.dense:
+        print(f"WARNING: the gate of {len(uncalibrated)} of {len(predictor.list_of_parameters)} fold(s) is not "
+              f"calibrated: it selects tiles with p(select) > 0.5 and certifies nothing (see its "
+              f"gfscreen_calibration.json; calibrate with nnUNetv2_gfscreen_calibrate)")
 
 
 def predict_gfscreen_entry_point() -> None:
@@ -249,11 +256,14 @@ def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
                                   perform_everything_on_device=not args.not_on_device, device=_device(args.device),
                                   verbose=args.verbose, verbose_preprocessing=args.verbose,
                                   allow_tqdm=not args.disable_progress_bar, threshold=args.threshold,
-                                  dense=args.dense, tile_batch_size=args.tile_batch_size, torch_io=args.torch_io)
+                                  dense=args.dense, tile_batch_size=args.tile_batch_size, torch_io=args.torch_io,
+                                  border_growth=False if args.no_border_growth else None,
+                                  score_dense=args.score_tiles)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     if args.target_sensitivity is not None or args.max_selection is not None:
-        predictor.set_fold_thresholds(thresholds_from_calibration(model_folder, folds, args.chk,
-                                                                  args.target_sensitivity, args.max_selection))
+        predictor.set_fold_rules(rules_from_calibration(model_folder, folds, args.chk, args.target_sensitivity,
+                                                        args.max_selection))
+    _warn_if_uncalibrated(predictor)
     return predict_folder(predictor, args.i, args.o, args.report_dir, args.png, args.save_probabilities,
                           overwrite=not args.continue_prediction, num_parts=args.num_parts, part_id=args.part_id,
                           num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)

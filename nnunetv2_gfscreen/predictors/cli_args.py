@@ -71,16 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory runs out. Default: auto")
     gate = p.add_argument_group('GF-Screen gating')
     gate.add_argument('--threshold', type=float, default=None,
-                      help="Gate threshold on p(select) for all folds, instead of each fold's stored one.")
+                      help="Gate threshold as a Glance logit (0 is p(select) = 0.5) for all folds, instead of the "
+                           "calibrated one; the rest of the calibrated rule (floor, fallback) stays.")
     gate.add_argument('--target_sensitivity', type=float, default=None,
-                      help="Choose each fold's threshold from its stored calibration curve: the highest whose "
-                           "lesion-level sensitivity (share of validation lesions with >= 90%% of their voxels in "
-                           "selected tiles) is >= this.")
+                      help="Re-fit each fold's threshold to this lesion-level sensitivity target from its stored "
+                           "calibration cases, by the same rule as the calibration (certified by conformal risk "
+                           "control when the cases suffice, else every calibration lesion covered and lowered by the "
+                           "leave-one-case-out margin). Prints what the cases certify.")
     gate.add_argument('--max_selection', type=float, default=None,
-                      help="Choose each fold's threshold from its stored calibration curve: the lowest whose "
-                           "selection ratio (share of tiles sent to the Focus) is <= this. With "
-                           "--target_sensitivity: that target's threshold, raised if needed to stay within this.")
-    gate.add_argument('--dense', action='store_true', help='Run every tile through the Focus (comparison mode).')
+                      help="The lowest threshold whose selection ratio (share of the calibration cases' tiles sent "
+                           "to the Focus, floor included) is <= this. With --target_sensitivity: that target's "
+                           "threshold, raised if needed to stay within this.")
+    gate.add_argument('--dense', action='store_true',
+                      help='Run every tile through the Focus (comparison mode); the Glance does not run.')
+    gate.add_argument('--score_tiles', action='store_true',
+                      help='With --dense: still score every tile with the Glance, for the reports.')
+    gate.add_argument('--no_border_growth', action='store_true',
+                      help="Do not predict the tiles beyond a lesion the Focus finds cut by the selection's border "
+                           "(default: the model's gate_border_growth setting).")
     gate.add_argument('--tile_batch_size', type=int, default=4, help='Tiles per Focus forward pass. Default: 4')
     gate.add_argument('--report_dir', type=str, default=None,
                       help='Folder for <case>.json reports. Default: <output folder>/gfscreen_reports')

@@ -2,9 +2,9 @@
 
 Only the sliding-window step differs from `nnUNetPredictor`; it lives in core/gated_window.py
 (`GatedSlidingWindowMixin`), which the trainer's final validation runs too: the Glance scores every tile
-first (batched; averaged over the model's mirror axes, so a tile's decision never depends on a flip), then
-the Focus segments only the selected tiles (batched), with nnU-Net's Gaussian blending and mirroring TTA on
-those alone. A fold ensemble gates once per case on the folds' mean Glance logit. Saved probabilities are
+once (batched), the gate decides for the case, then the Focus segments only the selected tiles (batched), with
+nnU-Net's Gaussian blending and mirroring TTA on those alone, growing the selection where a predicted lesion
+reaches its border. A fold ensemble gates once per case on the folds' mean Glance logit. Saved probabilities are
 certain background where no selected tile reached (probabilities.py).
 
 Reading/preprocessing (`preprocess_case`) and export (`export_case`) are separate methods. With
@@ -22,8 +22,9 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_gfscreen.atomic import partial_name
-from nnunetv2_gfscreen.core.gated_window import Box, GatedSlidingWindowMixin, SlidingWindowRecord  # noqa: F401
-from nnunetv2_gfscreen.core.records import selected_tiles_bbox  # noqa: F401 (re-export)
+from nnunetv2_gfscreen.core.gate import Gate, GateRule
+from nnunetv2_gfscreen.core.gated_window import GatedSlidingWindowMixin
+from nnunetv2_gfscreen.core.records import Box
 from nnunetv2_gfscreen.predictors.probabilities import export_with_probabilities
 from nnunetv2_gfscreen.torch_io.export import export_logits_torch
 from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
@@ -54,23 +55,26 @@ def nifti_nonfinite_count(path: str) -> int:
 class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
     """nnUNetPredictor whose sliding window runs the Focus on Glance-selected tiles only.
 
-    threshold: overrides the network's calibrated `threshold` buffer when not None.
-    dense: run every tile through the Focus (for comparison); the Glance still scores (and times) all tiles.
+    threshold: a logit replacing the calibrated rule's threshold when not None (the rest of the rule stays).
+    dense: run every tile through the Focus (for comparison); the Glance does not run unless score_dense.
+    border_growth: predict the tiles beyond a lesion cut by the selection's border (None: the plans' setting).
+    rule: a GateRule for every case instead of the loaded weights' (calibrated) one.
     tile_batch_size: tiles per Focus forward pass; glance_batch_size: tiles per Glance pass.
     torch_io: 'auto' (torch preprocessing/export on the device when it is CUDA, nnU-Net's CPU functions
     otherwise), 'on' or 'off' (force either; 'on' works on CPU tensors too).
     After each sliding window, a `SlidingWindowRecord` is appended to `self.records`
     (one per fold for an ensemble); `reset_records()` clears it between cases.
     Fold ensembles (`predict_logits_from_preprocessed_data` with several folds) gate once per case: the
-    tiles are scored with every fold's Glance, selected on the mean logit against `pooled_threshold` of the
-    folds' thresholds (or `threshold`), and every fold's Focus runs on that selection.
+    tiles are scored with every fold's Glance, decided on the mean logit by the folds' pooled rule
+    (`gate.pool_rules`; `threshold` replaces its threshold), and every fold's Focus runs on that selection.
     """
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device('cuda'),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  threshold: Optional[float] = None, dense: bool = False, tile_batch_size: int = 4,
-                 glance_batch_size: int = 8, torch_io: str = 'auto'):
+                 glance_batch_size: int = 8, torch_io: str = 'auto', border_growth: Optional[bool] = None,
+                 score_dense: bool = False, rule: Optional[GateRule] = None):
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device, verbose,
                          verbose_preprocessing, allow_tqdm)
         if tile_batch_size < 1 or glance_batch_size < 1:
@@ -81,7 +85,7 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
         if torch_io not in TORCH_IO_MODES:
             raise ValueError(f"torch_io must be one of {TORCH_IO_MODES}, got {torch_io!r}")
         self.torch_io = torch_io
-        self._init_gated_window(threshold, dense, tile_batch_size, glance_batch_size)
+        self._init_gated_window(threshold, dense, tile_batch_size, glance_batch_size, border_growth, score_dense, rule)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -89,19 +93,17 @@ class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
         """Whether preprocess_case/export_case use the torch implementations (see `torch_io`)."""
         return self.torch_io == 'on' or (self.torch_io == 'auto' and self.device.type == 'cuda')
 
-    def set_fold_thresholds(self, thresholds: Sequence[float]) -> None:
-        """Write one threshold per loaded fold into its weights (`list_of_parameters[i]['threshold']`).
+    def set_fold_rules(self, rules: Sequence[GateRule]) -> None:
+        """Write one gate rule per loaded fold into its weights (`list_of_parameters[i]`, the gate buffers).
 
-        The per-fold weights are reloaded before each fold's sliding window, so this is where a
-        per-fold calibrated threshold has to go. An ensemble gates at `pooled_threshold` of these.
-        """
-        if len(thresholds) != len(self.list_of_parameters):
-            raise ValueError(f"got {len(thresholds)} thresholds for {len(self.list_of_parameters)} folds")
-        for params, t in zip(self.list_of_parameters, thresholds):
-            if "threshold" not in params:
-                raise KeyError("weights have no 'threshold' buffer: not a GFScreenNetwork checkpoint")
-            params["threshold"] = torch.tensor(float(t), dtype=torch.float64)
-        self.gfscreen_network.threshold.fill_(float(thresholds[0]))
+        The per-fold weights are reloaded before each fold's sliding window, so this is where a per-fold rule
+        chosen at run time (--target_sensitivity, --max_selection) has to go. An ensemble gates with
+        `gate.pool_rules` of these."""
+        if len(rules) != len(self.list_of_parameters):
+            raise ValueError(f"got {len(rules)} rules for {len(self.list_of_parameters)} folds")
+        for params, rule in zip(self.list_of_parameters, rules):
+            Gate.write_rule_into_state_dict(params, rule)
+        self.gfscreen_network.gate.set_rule(rules[0])
 
     # ------------------------------------------------------------------ case I/O (overridable steps)
     def expected_num_channels(self) -> int:

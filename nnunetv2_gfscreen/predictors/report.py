@@ -11,7 +11,7 @@ import numpy as np
 from nnunetv2_gfscreen.core.lesions import label_lesions
 from nnunetv2_gfscreen.atomic import write_json
 from nnunetv2_gfscreen.core.case_report import CaseReport, LesionReport, TileReport
-from nnunetv2_gfscreen.predictors.gfscreen_predictor import Box, SlidingWindowRecord
+from nnunetv2_gfscreen.core.records import Box, SlidingWindowRecord
 
 
 def tile_bbox_to_original(bbox: Box, preprocessed_shape: Sequence[int], properties: dict,
@@ -61,18 +61,21 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
                       total_seconds: float) -> CaseReport:
     """The report dict of one case from the sliding-window records of its folds.
 
-    With several folds (an ensemble), a tile counts as selected if any fold selected it, its score
-    is the mean over folds, Glance/Focus seconds are summed and `folds` lists the per-fold numbers.
+    With several folds (an ensemble), every fold's record holds the case's shared decision; a tile counts as
+    selected if any fold predicted it, Glance/Focus seconds are summed and `folds` lists the per-fold numbers.
+    A dense run that did not score its tiles reports no scores (None).
     """
     if not records:
         raise ValueError(f"case {case}: no sliding-window record (was the GF-Screen predictor used?)")
     first = records[0]
     if any(r.bboxes != first.bboxes for r in records):
         raise ValueError(f"case {case}: folds tiled the image differently")
-    scores = np.mean([r.scores for r in records], axis=0) if first.bboxes else []
+    scores = first.scores if first.scores else [None] * len(first.bboxes)
     selected = np.any([r.selected for r in records], axis=0) if first.bboxes else []
+    grown = np.any([r.grown for r in records], axis=0) if first.bboxes and first.grown else [False] * len(scores)
     tiles = [TileReport(bbox_original=tile_bbox_to_original(b, first.image_shape, properties, transpose_backward),
-                        score=float(s), selected=bool(k)) for b, s, k in zip(first.bboxes, scores, selected)]
+                        score=None if s is None else float(s), selected=bool(k), grown=bool(g))
+             for b, s, k, g in zip(first.bboxes, scores, selected, grown)]
     n_sel = int(np.sum(selected))
     report: CaseReport = {
         "case": case,
@@ -84,6 +87,10 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
         "total_seconds": round(float(total_seconds), 4),
         "threshold": float(first.threshold),
         "dense": bool(first.dense),
+        "gate": {"rule": first.rule, "calibrated": bool(first.rule and first.rule.get("calibrated")),
+                 "tiles_by_floor": first.tiles_by_floor, "fallback": first.fallback,
+                 "tiles_by_fallback": first.tiles_by_fallback, "tiles_grown": int(np.sum(grown)),
+                 "median_logit": None if np.isnan(first.statistic) else round(first.statistic, 4)},
         "tiles": tiles,
         "lesions": lesions,
     }

@@ -39,7 +39,7 @@ from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
-NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "threshold")
+NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage")
 
 
 class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
@@ -88,7 +88,7 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
         settings = GFScreenSettings.from_configuration(configuration_manager.configuration)
         glance = build_glance(num_input_channels, configuration_manager.patch_size, settings.glance_input_scale,
                               settings.glance_base_features, settings.glance_dense_stage)
-        return GFScreenNetwork(focus, glance, num_output_channels, threshold=settings.threshold)
+        return GFScreenNetwork(focus, glance, num_output_channels)
 
     def _gfscreen_network(self) -> GFScreenNetwork:
         return unwrap_gfscreen_network(self.network)
@@ -113,13 +113,6 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
         doc = (type(self).__doc__ or "").strip().splitlines()
         self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; trainer {type(self).__name__}"
                                + (f": {doc[0]}" if doc else ""))
-
-    def on_train_start(self):
-        """nnU-Net's start (it sets `inference_allowed_mirroring_axes` while building the loaders), then the
-        network's Glance averages its logit over the same mirror axes, so each tile gets one decision however
-        nnU-Net's mirroring TTA flips it; the axes are saved with the weights (see GFScreenNetwork)."""
-        super().on_train_start()
-        self._gfscreen_network().set_glance_mirror_axes(self.inference_allowed_mirroring_axes)
 
     def refresh_reference_glance(self):
         """pi_ref <- pi. Both use normalisation that ignores train/eval mode, so the ratio is exactly 1 after."""
@@ -253,7 +246,7 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
                 torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
                 opt.step()
         self.update_glance_average()
-        selected = torch.sigmoid(glance_logits.detach().double()) > net.threshold
+        selected = glance_logits.detach().double() > net.gate.threshold
         values = {"loss": loss, "seg_losses": loss.new_zeros(()) if seg_loss is None else seg_loss,
                   "glance_dense": dense_loss, "mean_reward": rewards.mean(),
                   "selection_ratio": selected.float().mean(), **glance_terms}

@@ -5,8 +5,8 @@ from typing import List
 
 import numpy as np
 
-from nnunetv2_gfscreen.trainers.calibration_hook import calibrate_trainer, loco_thresholds_during_validation
-from nnunetv2_gfscreen.trainers.final_validation import gated_final_validation, write_gate_figures
+from nnunetv2_gfscreen.core.gate import GateRule, select_tiles
+from nnunetv2_gfscreen.trainers.final_validation import calibrate_fold, validate_deployed_rule, write_gate_figures
 
 
 class GFScreenValidationMixin:
@@ -23,7 +23,7 @@ class GFScreenValidationMixin:
         net = self._gfscreen_network()
         data, target = self._to_device(batch["data"], batch["target"])
         with self._autocast():
-            selected = net.glance_probabilities(data) > net.threshold
+            selected = select_tiles(net.glance_logits(data), net.gate.threshold)
         lesion = self._lesion_masks(target[0] if isinstance(target, list) else target)[0].flatten(1).any(1)
         # tensors already on the device: nnU-Net's own .to() calls are then no-ops, not second copies
         out = super().validation_step({**batch, "data": data, "target": target})
@@ -52,17 +52,18 @@ class GFScreenValidationMixin:
         self.weights_checkpoint = "checkpoint_final.pth"  # the live weights are the final ones now
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation, predicted the way `nnUNetv2_predict_gfscreen` predicts (the gated sliding
-        window, final_validation.py) after calibrating the gate on the validation cases (the all-cases
-        threshold goes into the network and the loaded checkpoint: checkpoint_best.pth with --val_best); each
-        case is predicted at its leave-one-case-out threshold (fitted on the other validation cases), so no case
-        is gated at a threshold tuned on itself. Writes nnU-Net's validation/summary.json and gfscreen_gate.json.
-        Under DDP rank 0 calibrates, every rank predicts its share of the cases at the broadcast thresholds, and
-        rank 0 writes the gate figures of all of them."""
-        result = self.broadcast_from_rank0(calibrate_trainer(self, checkpoint_name=self.weights_checkpoint)
+        """Calibrate the gate of the loaded weights (checkpoint_best.pth with --val_best) on the validation cases,
+        then nnU-Net's final validation predicted the way `nnUNetv2_predict_gfscreen` predicts, each case gated by
+        the rule fitted on the other validation cases (final_validation.py). Writes nnU-Net's
+        validation/summary.json and gfscreen_gate.json. Under DDP rank 0 calibrates, every rank predicts its share
+        of the cases with the broadcast record, and rank 0 writes the gate figures of all of them."""
+        net = self._gfscreen_network()
+        record = self.broadcast_from_rank0(calibrate_fold(self, net, self.weights_checkpoint)
                                            if self.local_rank == 0 else None)
-        with loco_thresholds_during_validation(self, result), gated_final_validation(self) as cases:
-            super().perform_actual_validation(save_probabilities)
+        if self.local_rank != 0:
+            net.gate.set_rule(GateRule.from_dict(record["rule"]))
+        cases = validate_deployed_rule(self, record, lambda: super(GFScreenValidationMixin, self)
+                                       .perform_actual_validation(save_probabilities))
         cases = self.gather_lists(cases)
         if self.local_rank == 0:
-            write_gate_figures(self, cases, self.weights_checkpoint)
+            write_gate_figures(self, cases, self.weights_checkpoint, record)

@@ -1,0 +1,49 @@
+"""Every place where nnunetv2_gfscreen reaches into nnU-Net's internals, in one module.
+
+Written for nnU-Net `NNUNET_VERSIONS` (setup.cfg pins the same range). Each adaptation says what it relies on
+and why no public hook does the job; tests/test_nnunet_adapters.py checks each reliance against the installed
+nnU-Net, so an upgrade that changes one fails a named test instead of misbehaving. Nothing here runs on import:
+every replacement is installed by an explicit call, for as long as the caller needs it.
+"""
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional
+
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+
+NNUNET_VERSIONS = ">=2.8.1,<2.9"
+
+
+class CaseCursor:
+    """The identifier of the case nnU-Net's final validation is predicting (`current`; None between cases)."""
+
+    def __init__(self):
+        self.current: Optional[str] = None
+
+
+@contextmanager
+def final_validation_with(trainer, predictor_class: type) -> Iterator[CaseCursor]:
+    """Run nnU-Net's `perform_actual_validation` with `predictor_class` instead of `nnUNetPredictor`, and know
+    which case it predicts.
+
+    Relies on: `nnUNetTrainer.perform_actual_validation` builds its predictor as `nnUNetPredictor(...)` by the
+    name its module imported (so substituting that module attribute for the duration of the call swaps the
+    class, with its 100 lines of worker pool, export, DDP and summary.json left as they are), and loads each
+    case through `self.dataset_class(...).load_case(k)` right before predicting it (so a subclass of the
+    dataset class records k). nnU-Net has no hook for either.
+    """
+    cursor = CaseCursor()
+    base = trainer.dataset_class
+
+    def load_case(self, identifier):
+        loaded = base.load_case(self, identifier)
+        cursor.current = identifier
+        return loaded
+
+    original = nnunet_trainer_module.nnUNetPredictor
+    trainer.dataset_class = type(f"CaseCursor{base.__name__}", (base,), {"load_case": load_case})
+    nnunet_trainer_module.nnUNetPredictor = predictor_class
+    try:
+        yield cursor
+    finally:
+        nnunet_trainer_module.nnUNetPredictor = original
+        trainer.dataset_class = base
