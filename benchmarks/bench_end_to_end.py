@@ -4,7 +4,7 @@ Not a test: prints a table and writes JSON. For every TTA setting (and --torch_i
   one case   stock: nnU-Net's three steps timed in-process (DefaultPreprocessor.run_case,
              predict_logits_from_preprocessed_data, export_prediction_from_logits) and its
              predict_from_files on a one-case folder (what the command costs, worker start-up included);
-             ours: cli.predict_case (phases from its report).
+             ours: timing.predict_case (nnUNetv2_predict_gfscreen's stages; phases from its report).
   folder     N cases: stock predict_from_files vs cli.predict_folder, both with -npp/-nps workers.
 Peak GPU memory is torch.cuda.max_memory_allocated over each run (CUDA only). The stock network is the
 GF-Screen model's Focus (a plain PlainConvUNet) with the same weights. With random weights the Glance
@@ -31,18 +31,19 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from timing import Peak, stock_case_phases
+from timing import Peak, predict_case, stock_case_phases
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_gfscreen.predictors.cli import _device, predict_case, predict_folder
+from nnunetv2_gfscreen.predictors.cli import _device, predict_folder
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
-from nnunetv2_gfscreen.synthetic.dataset import generate_case
 from nnunetv2_gfscreen.trainers import GFScreenTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the lab (not installed)
 from bench_gated_inference import DATASET_JSON, DEFAULT_PLANS  # noqa: E402  (a script next to this one)
+from gfscreen_lab.synthetic.dataset import generate_case  # noqa: E402
 
 # a narrow 4-stage network with a 16x64x64 patch: the default plans' pipeline at CPU scale
 SMALL_ARCH = {"n_stages": 4, "features_per_stage": [8, 16, 32, 32],
@@ -61,7 +62,7 @@ def _plans(small: bool) -> PlansManager:
 
 
 def _write_cases(folder: str, n: int, shape, spacing_zyx) -> List[str]:
-    """n synthetic CTs (nnunetv2_gfscreen.synthetic.dataset anatomy, written at spacing_zyx) as <case>_0000.nii.gz."""
+    """n synthetic CTs (gfscreen_lab.synthetic.dataset anatomy, written at spacing_zyx) as <case>_0000.nii.gz."""
     os.makedirs(folder, exist_ok=True)
     files = []
     for i in range(n):

@@ -13,7 +13,9 @@ our first version did.
 """
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,9 +23,11 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_gfscreen.experiments.runner import machine_description
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
 from nnunetv2_gfscreen.trainers.group_sampling import centre_crop
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the lab (not installed)
+from gfscreen_lab.experiments.runner import machine_description  # noqa: E402
 
 
 def nnunet_like_transforms(patch_size, num_pools: int = 5):

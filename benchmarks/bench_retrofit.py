@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the test fixtures build the dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the test fixtures and the lab build the dataset
 
 
 def _time_iterations(trainer, iterations: int, warmup: int) -> dict:
@@ -61,8 +61,8 @@ def main() -> None:
         os.environ[k] = v
     from nnunetv2.run.run_training import maybe_load_checkpoint
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
-    from nnunetv2_gfscreen.experiments.runner import machine_description
+    from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+    from gfscreen_lab.experiments.runner import machine_description
     from nnunetv2_gfscreen.trainers import GFScreenTrainer, GFScreenTrainer_Retrofit
 
     data = make_planned_dataset(root)

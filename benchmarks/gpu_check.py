@@ -2,7 +2,7 @@
 
 Run it through benchmarks/gpu_check.sh (which installs carried wheels and a SimpleITK stand-in if needed;
 docs/developers.md says how to prepare a GPU machine). Stages, each timed, within --budget_s seconds:
-  1. data     synthetic CTs (nnunetv2_gfscreen.synthetic anatomy), about 110x512x512 after resampling, written
+  1. data     synthetic CTs (gfscreen_lab.synthetic anatomy), about 110x512x512 after resampling, written
               as NIfTI through nibabel (dataset.json selects nnU-Net's NibabelIO: no SimpleITK needed)
   2. plan     nnUNetv2_plan_and_preprocess with nnU-Net's default planner (3d_fullres)
   3. train    nnUNetv2_train with nnUNetTrainer and GFScreenTrainer (short-schedule variants from
@@ -44,7 +44,7 @@ def _write_case(task) -> str:
     """Generate case i and write image (and label) as NIfTI with nibabel; returns the case id."""
     import nibabel
     import numpy as np
-    from nnunetv2_gfscreen.synthetic.dataset import case_identifier, generate_case
+    from gfscreen_lab.synthetic.dataset import case_identifier, generate_case
     folder, split, i, shape = task
     image, label, spacing, _ = generate_case(seed=0, case_index=i, shape=shape)
     affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])  # NibabelIO: array (z, y, x) <-> file (x, y, z)
@@ -86,7 +86,7 @@ def run_cli(name: str, module: str, func: str, args, env: dict, log_dir: str, ti
 
 
 def shrink_plans_for_smoke(preprocessed: str) -> None:
-    from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+    from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
     path = os.path.join(preprocessed, f"Dataset{DATASET_ID}_{DATASET_NAME}", "nnUNetPlans.json")
     with open(path) as f:
         plans = shrink_configuration_for_cpu(json.load(f), "3d_fullres", SMOKE_PATCH, CPU_ARCH_KWARGS, batch_size=2)

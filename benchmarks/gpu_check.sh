@@ -12,6 +12,7 @@ if ! "$PY" -c "import nnunetv2" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/n
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# the repository: nnunetv2_gfscreen and the lab beside it (gfscreen_lab: synthetic data, CPU plans; in no wheel)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import SimpleITK" 2> /dev/null; then
   echo "[gpu_check] SimpleITK is not installed: using benchmarks/simpleitk_stub (NIfTI goes through NibabelIO)"

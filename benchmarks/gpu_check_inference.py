@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from timing import Peak, stock_case_phases
+from timing import Peak, predict_case, stock_case_phases
 
 PREDICTORS = ("stock dense", "stock gated", "ours dense", "ours gated")
 
@@ -26,7 +26,6 @@ PREDICTORS = ("stock dense", "stock gated", "ours dense", "ours gated")
 def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.device, threshold_selection: float,
                     probe_case: List[str], work: str) -> Dict[str, object]:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2_gfscreen.predictors.cli import predict_case
     from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 
     on_device = device.type == "cuda"
@@ -55,7 +54,6 @@ def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.devic
 def one_case(name: str, p, files: List[str], work: str, device: torch.device) -> dict:
     """One CT end to end (read .. mask written), with its phases and the share of tiles the Focus saw."""
     from nnunetv2_gfscreen.core.network import unwrap_gfscreen_network
-    from nnunetv2_gfscreen.predictors.cli import predict_case
     out = os.path.join(work, name.replace(" ", "_") + ("_tta" if p.use_mirroring else ""), "case")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with Peak(device) as peak:

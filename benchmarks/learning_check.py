@@ -14,18 +14,21 @@ inside their label): on 2 CPU cores the Focus cannot learn realistic ones in the
   python benchmarks/learning_check.py -o learning_check_output --export_demo_model   # and ship the model
 
 Prints a table and writes <o>/learning_check.json. `--export_demo_model` also writes the trained model
-(weights, plans, calibration) to nnunetv2_gfscreen/experiments/demo_model/, which the demo uses.
+(weights, plans, calibration) to gfscreen_lab/demo_model/, which the demo uses.
 """
 import argparse
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from nnunetv2_gfscreen.experiments.runner import DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, Runner, machine_description
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the lab (not installed)
+from gfscreen_lab.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, Runner,  # noqa: E402
+                                             machine_description)
 
 # the demo's generator settings and trainer, with the seed and size the shipped model was trained on
 SETTINGS = replace(FULL, dataset_id=904, num_test=6, seed=0)

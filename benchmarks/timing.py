@@ -1,4 +1,6 @@
-"""Timing helpers shared by the benchmarks (scripts in this folder import it: their folder is on sys.path)."""
+"""Timing helpers shared by the benchmarks (scripts in this folder import it: their folder is on sys.path): GPU
+sync, peak memory, the stock predictor's phases and ours for one case."""
+import os
 import time
 from typing import Dict, List
 
@@ -45,3 +47,16 @@ def stock_case_phases(p, files: List[str], out_truncated: str, device: torch.dev
                                   out_truncated, False)
     t3 = time.perf_counter()
     return {"preprocess": t1 - t0, "sliding_window": t2 - t1, "export": t3 - t2, "total": t3 - t0}
+
+
+def predict_case(predictor, image_files: List[str], output_file_truncated: str, report_dir: str, png: bool = False,
+                 save_probabilities: bool = False) -> dict:
+    """One case through `nnUNetv2_predict_gfscreen`'s stages (preprocess, gated sliding window, export + report), in
+    this thread, as `predict_folder` runs each case; returns the case report, written after the mask.
+
+    total_seconds = read start .. mask written; the report also holds preprocess_seconds,
+    sliding_window_seconds and export_seconds (export + write)."""
+    from nnunetv2_gfscreen.predictors.cli import _CaseState, _export_stage, _predict_stage, _preprocess_stage
+    state = _CaseState(os.path.basename(output_file_truncated), list(image_files), output_file_truncated)
+    state = _predict_stage(predictor, _preprocess_stage(predictor, state))
+    return _export_stage(predictor, state, report_dir, png, save_probabilities, torch.get_num_threads())

@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
+from gfscreen_lab.ext_trainer_env import ENV_VAR, lab_environment
 from tests.nnunet_fixtures import make_planned_dataset
+
+# The tests load models of the lab's short trainers in this process too (GFScreenTrainer_Tiny, the demo model's
+# GFScreenTrainer_DemoLong): nnU-Net's lookup here must search the lab's folder after the product's.
+os.environ[ENV_VAR] = lab_environment(os.environ)[ENV_VAR]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The trained fold shared by the end-to-end tests: GFScreenTrainer_Tiny trained through nnUNetv2_train on the
 CPU, killed twice on the way (SIGKILL, test-only fault injection: fault_injection/sitecustomize.py) and
-resumed with --c. No `nnUNet_extTrainer` is set in the environment of these commands: the install's .pth
-must provide it.
+resumed with --c. `nnUNet_extTrainer` in the environment of these commands holds only the lab's trainer folder
+(tests/nnunet_fixtures.py): the install's .pth must provide the product's.
 """
 import os
 import signal

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+from gfscreen_lab.ext_trainer_env import lab_environment
 
 DATASET_ID = 990
 SHAPE = (32, 96, 96)
@@ -19,7 +20,9 @@ CONFIG = "3d_fullres_gfscreen"
 
 
 def nnunet_env(root: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}  # the install must provide it
+    """nnU-Net's folders under `root`; `nnUNet_extTrainer` holds only the lab's trainer folder (the tests train
+    GFScreenTrainer_Tiny): the product's folder must come from the install's .pth."""
+    env = lab_environment({k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"})
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                nnUNet_results=str(root / "results"), nnUNet_compile="f", OMP_NUM_THREADS="2",
                OMP_WAIT_POLICY="PASSIVE")  # busy-waiting OpenMP threads are ~6x slower on 2 shared cores
@@ -34,8 +37,9 @@ def training_env(env: dict) -> dict:
 
 
 def run_cli(args, env, timeout=900) -> subprocess.CompletedProcess:
-    """Run an installed console script the way a user would; fail with its output if it fails."""
-    exe = Path(sys.executable).parent / args[0]
+    """Run an installed console script (or, with args[0] == "python", this interpreter: the lab's `-m` commands)
+    the way a user would; fail with its output if it fails."""
+    exe = sys.executable if args[0] == "python" else Path(sys.executable).parent / args[0]
     proc = subprocess.run([str(exe), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -44,7 +48,7 @@ def run_cli(args, env, timeout=900) -> subprocess.CompletedProcess:
 
 def make_planned_dataset(root: Path) -> dict:
     env = nnunet_env(root)
-    run_cli(["nnUNetv2_gfscreen_make_dataset", "-d", str(DATASET_ID), "-ntr", "6", "-nts", "2",
+    run_cli(["python", "-m", "gfscreen_lab.synthetic.dataset", "-d", str(DATASET_ID), "-ntr", "6", "-nts", "2",
              "--shape", *map(str, SHAPE), "--seed", "0", "--healthy_fraction", "0.2", "-np", "2"], env)
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env)
     run_cli(["nnUNetv2_gfscreen_plan", "-d", str(DATASET_ID), "--set", "group_size=4"], env)

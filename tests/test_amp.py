@@ -34,7 +34,7 @@ def _changed(before, module):
 
 @pytest.fixture
 def tiny_trainer(planned_dataset, monkeypatch, tmp_path):
-    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
+    from gfscreen_lab.trainers import GFScreenTrainer_Tiny
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     trainer = _trainer(GFScreenTrainer_Tiny, planned_dataset, monkeypatch, tmp_path)

@@ -22,7 +22,7 @@ STEPS_PER_EPOCH = 1
 
 
 def _make_trainer(plans_file: str, dataset_json_file: str):
-    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
+    from gfscreen_lab.trainers import GFScreenTrainer_Tiny
     plans = {**json.loads(open(plans_file).read()), "continue_training": False}
     dataset_json = json.loads(open(dataset_json_file).read())
     torch.manual_seed(0)  # same initial weights in every run (DDP would broadcast rank 0's anyway)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_gfscreen.experiments.runner import DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER
+from gfscreen_lab.experiments.runner import DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
-from nnunetv2_gfscreen.synthetic.dataset import generate_case
+from gfscreen_lab.synthetic.dataset import generate_case
 
 MODEL = DEMO_MODEL_DIR / GFSCREEN_MODEL_FOLDER
 

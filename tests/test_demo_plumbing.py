@@ -1,12 +1,17 @@
 """Fast checks of the demo's and ablation runner's pure helpers (the full demo is not run in CI)."""
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from nnunetv2_gfscreen.experiments.ablation import ABLATION_COLUMNS, ARMS, QUICK_SUFFIX, format_ablation_table, select_arms
-from nnunetv2_gfscreen.experiments.runner import FULL, OUR_COMMANDS, QUICK, DemoSettings, command_line, results_markdown
-from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu, total_stride
+from gfscreen_lab.experiments.ablation import ABLATION_COLUMNS, ARMS, QUICK_SUFFIX, format_ablation_table, select_arms
+from gfscreen_lab.experiments.runner import (FULL, LAB_COMMANDS, OUR_COMMANDS, QUICK, DemoSettings, command_line,
+                                             results_markdown)
+from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu, total_stride
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _plans():
@@ -77,11 +82,25 @@ def test_command_line_runs_our_entry_functions_and_nnunet_scripts(tmp_path):
     for target in OUR_COMMANDS.values():  # every mapped entry function exists
         module, func = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[func]), func))
+    assert command_line("nnUNetv2_gfscreen_make_dataset", ["-d", 7], python="/x/bin/python") == \
+        ["/x/bin/python", "-m", "gfscreen_lab.synthetic.dataset", "-d", "7"]
+    assert set(LAB_COMMANDS) == {"nnUNetv2_gfscreen_make_dataset"}
     (tmp_path / "nnUNetv2_train").write_text("")
     assert command_line("nnUNetv2_train", ["1"], python=str(tmp_path / "python")) == \
         [str(tmp_path / "nnUNetv2_train"), "1"]
     with pytest.raises(FileNotFoundError, match="nnUNetv2_nope"):
         command_line("nnUNetv2_nope", [], python=sys.executable)
+
+
+@pytest.mark.parametrize("module, prog", [("gfscreen_lab.synthetic.dataset", "nnUNetv2_gfscreen_make_dataset"),
+                                          ("gfscreen_lab.experiments.demo", "nnUNetv2_gfscreen_demo"),
+                                          ("gfscreen_lab.experiments.ablation", "nnUNetv2_gfscreen_ablation")])
+def test_lab_commands_run_as_modules_under_their_program_names(module, prog):
+    """The lab is not installed: its commands are `python -m MODULE`, with the program name in their help."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: {prog} ")
 
 
 def test_select_arms_covers_the_paper_ablation_and_quick_names():
@@ -94,10 +113,11 @@ def test_select_arms_covers_the_paper_ablation_and_quick_names():
 
 
 def test_quick_arms_exist_and_keep_their_ablation_switch():
+    from gfscreen_lab import trainers as lab_trainers
+    from gfscreen_lab.trainers import ShortSchedule
     from nnunetv2_gfscreen import trainers
-    from nnunetv2_gfscreen.trainers.variants import ShortSchedule
     for _, full_name in ARMS:
-        short = getattr(trainers, full_name + QUICK_SUFFIX)
+        short = getattr(lab_trainers, full_name + QUICK_SUFFIX)
         full = getattr(trainers, full_name)
         assert issubclass(short, full) and issubclass(short, ShortSchedule)
         for hook in ("compute_rewards", "grl_alpha", "glance_objective"):

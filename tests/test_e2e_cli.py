@@ -1,6 +1,7 @@
 """End to end through the stock nnU-Net CLI: train the short GF-Screen variant on the CPU (crashing twice), resume.
 
-No `nnUNet_extTrainer` is set in the environment of these commands: the install's .pth must provide it.
+`nnUNet_extTrainer` holds only the lab's trainer folder (GFScreenTrainer_Tiny lives in gfscreen_lab): the
+install's .pth must provide the product's.
 """
 import os
 import shutil
@@ -36,9 +37,11 @@ def test_training_writes_glance_into_nnunet_checkpoint(trained_fold):
     assert (trained_fold["fold"] / "validation" / "summary.json").is_file()
 
 
-def test_found_without_environment_variable(trained_fold):
-    assert "nnUNet_extTrainer" not in trained_fold["env"]
-    assert "Using trainer 'GFScreenTrainer_Tiny'" in trained_fold["stdout"]
+def test_found_with_only_the_lab_folder_set(trained_fold):
+    """The commands' environment names only the lab's trainer folder; the product's comes from the install."""
+    from gfscreen_lab.ext_trainer_env import LAB_SHIM_FOLDER
+    assert trained_fold["env"]["nnUNet_extTrainer"] == LAB_SHIM_FOLDER
+    assert f"Using trainer 'GFScreenTrainer_Tiny' from: {LAB_SHIM_FOLDER}" in trained_fold["stdout"]
 
 
 def test_sigkill_mid_epoch_and_mid_checkpoint_write_then_continue_restores_everything(trained_fold):

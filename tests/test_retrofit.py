@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
 from tests.nnunet_fixtures import DATASET_ID, PATCH, run_cli, training_env
 
 PLANS = "nnUNetPlansRetro"
-SOURCE_TR = "nnUNetTrainer_ShortCPU"   # plain nnUNetTrainer, 2 x 2 iterations (plain_variants.py)
+SOURCE_TR = "nnUNetTrainer_ShortCPU"   # plain nnUNetTrainer, 2 x 2 iterations (gfscreen_lab/trainers.py)
 RETRO_TR = "GFScreenTrainer_Retrofit_Tiny"
 CONFIG = "3d_fullres"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
 from tests.nnunet_fixtures import PATCH
 
 PLANS = "nnUNetPlansRetroUnits"
@@ -76,7 +76,7 @@ def test_pretrained_weights_from_a_plain_checkpoint_go_into_the_focus(retro, mon
 def test_retrofit_step_reads_rewards_from_the_cache_and_trains_only_the_glance(retro, monkeypatch, tmp_path):
     import nnunetv2.run.run_training as rt
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Retrofit_Tiny
+    from gfscreen_lab.trainers import GFScreenTrainer_Retrofit_Tiny
     from nnunetv2_gfscreen.trainers.focus_cache import cache_fingerprint, load_foreground
     trainer = _trainer(GFScreenTrainer_Retrofit_Tiny, retro, monkeypatch, tmp_path)
     with pytest.raises(RuntimeError, match="no Focus was loaded"):

@@ -69,7 +69,7 @@ def test_ablation_arms_change_only_their_hook():
 
 
 def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planned_dataset, monkeypatch, tmp_path):
-    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
+    from gfscreen_lab.trainers import GFScreenTrainer_Tiny
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     trainer = _trainer(GFScreenTrainer_Tiny, planned_dataset, monkeypatch, tmp_path)
@@ -110,7 +110,7 @@ def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planne
 
 
 def test_a_variant_without_a_docstring_initializes(planned_dataset, monkeypatch, tmp_path):
-    from nnunetv2_gfscreen.trainers import GFScreenTrainer_Tiny
+    from gfscreen_lab.trainers import GFScreenTrainer_Tiny
 
     class NoDocstring(GFScreenTrainer_Tiny):
         pass

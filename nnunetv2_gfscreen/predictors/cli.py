@@ -179,17 +179,6 @@ def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folde
     return reports
 
 
-def predict_case(predictor: GFScreenPredictor, image_files: List[str], output_file_truncated: str,
-                 report_dir: str, png: bool = False, save_probabilities: bool = False) -> dict:
-    """One case end to end, in this thread; the report is written after the mask.
-
-    total_seconds = read start .. mask written; the report also holds preprocess_seconds,
-    sliding_window_seconds and export_seconds (export + write)."""
-    state = _CaseState(os.path.basename(output_file_truncated), list(image_files), output_file_truncated)
-    state = _predict_stage(predictor, _preprocess_stage(predictor, state))
-    return _export_stage(predictor, state, report_dir, png, save_probabilities, torch.get_num_threads())
-
-
 def rules_from_calibration(model_folder: str, folds: Sequence, checkpoint_name: str,
                            target_sensitivity: Optional[float] = None,
                            max_selection: Optional[float] = None) -> List[GateRule]:

@@ -160,15 +160,3 @@ class GFScreenTrainer_Retrofit(GFScreenTrainer):
         if os.path.basename(filename) == "checkpoint_best.pth":
             return     # chosen by the frozen Focus's pseudo Dice: meaningless for the Glance (module docstring)
         super().save_checkpoint(filename)
-
-
-class GFScreenTrainer_Retrofit_Tiny(GFScreenTrainer_Retrofit):
-    """2 epochs x 2 iterations, groups of 4: the end-to-end test."""
-    retrofit_epochs = 2
-    settings_overrides = {"group_size": 4}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1

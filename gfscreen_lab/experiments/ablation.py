@@ -1,4 +1,5 @@
-"""`nnUNetv2_gfscreen_ablation`: the paper's Glance ablation, re-run on synthetic CT.
+"""`python -m gfscreen_lab.experiments.ablation` (nnUNetv2_gfscreen_ablation): the paper's Glance ablation,
+re-run on synthetic CT.
 
 Arms (docs/method.md, section 4): plain CE, class-balanced CE, GRL with the Dice reward, GRL with the binary
 reward, GRL + binary reward + alpha CE (GF-Screen), and GF-Screen with groups of 4 instead of 16.
@@ -6,7 +7,7 @@ Every arm trains on the same planned dataset (the demo's steps), gets its gate c
 same lesion-level sensitivity on its validation cases (or a fixed `--threshold`), predicts the test cases
 gated and is evaluated; one Markdown table and one JSON hold the results.
 
-`--quick` uses the short variants (trainers/variants.py) and a small dataset for a CPU;
+`--quick` uses the short variants (gfscreen_lab/trainers.py) and a small dataset for a CPU;
 without it the full-length trainers run (nnU-Net's 1000 epochs: a GPU job).
 """
 import argparse
@@ -15,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from nnunetv2_gfscreen.experiments.runner import FULL, DemoSettings, Runner, machine_description
+from gfscreen_lab.experiments.runner import FULL, DemoSettings, Runner, machine_description
 
 # (method as in the paper's ablation table, full-length trainer); --quick appends "_Short"
 ARMS: Tuple[Tuple[str, str], ...] = (
@@ -111,7 +112,8 @@ def run_ablation(root: Path, settings: DemoSettings, arms: Sequence[Tuple[str, s
 
 
 def ablation_entry_point() -> None:
-    parser = argparse.ArgumentParser(description="Re-run the GF-Screen Glance ablation (plain CE, balanced CE, GRL "
+    parser = argparse.ArgumentParser(prog="nnUNetv2_gfscreen_ablation",
+                                     description="Re-run the GF-Screen Glance ablation (plain CE, balanced CE, GRL "
                                                  "with Dice / binary reward, + alpha CE, group size 4 vs 16) on "
                                                  "synthetic CT and write one table.")
     parser.add_argument("-o", type=str, default="demo_output/ablation", help="output folder. "
@@ -132,3 +134,7 @@ def ablation_entry_point() -> None:
     t0 = time.perf_counter()
     run_ablation(Path(args.o), ABLATION_QUICK if args.quick else ABLATION_FULL, arms, args.device, args.threshold)
     print(f"ablation finished in {(time.perf_counter() - t0) / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    ablation_entry_point()

@@ -17,17 +17,21 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunetv2_gfscreen.atomic import atomic_path, write_json
-from nnunetv2_gfscreen.experiments.reporting import machine_description, results_markdown  # noqa: F401
-from nnunetv2_gfscreen.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+from gfscreen_lab.experiments.reporting import machine_description, results_markdown  # noqa: F401
+from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
+from gfscreen_lab.ext_trainer_env import lab_environment
 
-# nnU-Net's commands are the installed console scripts. Ours run through their entry functions, so
-# the demo works the same before and after `pip install -e .` registers new commands.
+# nnU-Net's commands are the installed console scripts. The product's run through their entry functions, so
+# the demo works the same before and after `pip install -e .` registers new commands; the lab's (not
+# installed) run as `python -m MODULE` with the repository on PYTHONPATH.
 OUR_COMMANDS: Dict[str, str] = {
-    "nnUNetv2_gfscreen_make_dataset": "nnunetv2_gfscreen.synthetic.dataset:make_dataset_entry_point",
     "nnUNetv2_gfscreen_plan": "nnunetv2_gfscreen.plans.cli:plan_entry_point",
     "nnUNetv2_gfscreen_calibrate": "nnunetv2_gfscreen.predictors.calibrate_cli:calibrate_entry_point",
     "nnUNetv2_predict_gfscreen": "nnunetv2_gfscreen.predictors.cli:predict_gfscreen_entry_point",
     "nnUNetv2_gfscreen_evaluate": "nnunetv2_gfscreen.evaluation.evaluate_folder:evaluate_entry_point",
+}
+LAB_COMMANDS: Dict[str, str] = {
+    "nnUNetv2_gfscreen_make_dataset": "gfscreen_lab.synthetic.dataset",
 }
 GFSCREEN_CONFIGURATION = "3d_fullres_gfscreen"
 GFSCREEN_MODEL_FOLDER = f"GFScreenTrainer_DemoLong__nnUNetPlans__{GFSCREEN_CONFIGURATION}"
@@ -68,15 +72,18 @@ QUICK = DemoSettings(dataset_id=902, num_train=6, num_test=3, shape=(32, 96, 96)
                      trainer="GFScreenTrainer_Tiny")
 
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 
 
 # ---------------------------------------------------------------------- pure helpers
 
 
 def command_line(name: str, args: Sequence[str], python: str = sys.executable) -> List[str]:
-    """argv that runs command `name`: our entry functions through `python -c`, nnU-Net's console scripts."""
+    """argv that runs command `name`: the lab's modules through `python -m`, the product's entry functions
+    through `python -c`, nnU-Net's console scripts."""
     args = [str(a) for a in args]
+    if name in LAB_COMMANDS:
+        return [python, "-m", LAB_COMMANDS[name], *args]
     if name in OUR_COMMANDS:
         module, func = OUR_COMMANDS[name].split(":")
         code = f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; {func}()"
@@ -96,15 +103,16 @@ class Runner:
         self.settings = settings
         self.device = device
         self.step_seconds: Dict[str, float] = {}
-        self.env = {**os.environ, "nnUNet_raw": str(self.root / "nnUNet_raw"),
-                    "nnUNet_preprocessed": str(self.root / "nnUNet_preprocessed"),
-                    "nnUNet_results": str(self.root / "nnUNet_results"),
-                    "nnUNet_compile": "f", "PYTHONUNBUFFERED": "1",
-                    # nnU-Net's default of 8 export/preprocessing workers oversubscribes a small CPU
-                    "nnUNet_def_n_proc": str(min(4, os.cpu_count() or 1)),
-                    # idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made
-                    # torch with 2 threads 6x slower than with 1 (measured); passive made it 1.6x faster
-                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        env = {**os.environ, "nnUNet_raw": str(self.root / "nnUNet_raw"),
+               "nnUNet_preprocessed": str(self.root / "nnUNet_preprocessed"),
+               "nnUNet_results": str(self.root / "nnUNet_results"),
+               "nnUNet_compile": "f", "PYTHONUNBUFFERED": "1",
+               # nnU-Net's default of 8 export/preprocessing workers oversubscribes a small CPU
+               "nnUNet_def_n_proc": str(min(4, os.cpu_count() or 1)),
+               # idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made
+               # torch with 2 threads 6x slower than with 1 (measured); passive made it 1.6x faster
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        self.env = lab_environment(env)  # nnU-Net finds the lab's trainers (-tr GFScreenTrainer_Tiny) in children
         self.log_file = self.root / "demo_log.txt"
 
     @property
@@ -143,7 +151,8 @@ class Runner:
             ) -> None:
         """Run one command, streaming and logging its output; a failure stops the pipeline with its exit code."""
         argv = command_line(name, args)
-        self.say(f"\n$ {name} {' '.join(shlex.quote(str(a)) for a in args)}")
+        shown = f"python -m {LAB_COMMANDS[name]}" if name in LAB_COMMANDS else name
+        self.say(f"\n$ {shown} {' '.join(shlex.quote(str(a)) for a in args)}")
         t0 = time.perf_counter()
         with open(self.log_file, "a") as log:
             proc = subprocess.Popen(argv, env={**self.env, **(extra_env or {})}, stdout=subprocess.PIPE,

@@ -1,8 +1,9 @@
-"""`nnUNetv2_gfscreen_demo`: the whole GF-Screen idea on synthetic CT, on the CPU, in one command.
+"""`python -m gfscreen_lab.experiments.demo` (nnUNetv2_gfscreen_demo): the whole GF-Screen idea on synthetic CT,
+on the CPU, in one command.
 
 Synthetic dataset (conspicuous lesions: a CPU cannot train long enough for realistic ones) ->
-either the small model that ships with the package (trained by `benchmarks/learning_check.py`, see
-nnunetv2_gfscreen/experiments/demo_model/MODEL.md) or, with `--train`, nnU-Net plan and preprocess, a GF-Screen
+either the small model that ships in the repository (trained by `benchmarks/learning_check.py`, see
+gfscreen_lab/demo_model/MODEL.md) or, with `--train`, nnU-Net plan and preprocess, a GF-Screen
 configuration shrunk for CPU speed and training from scratch (the trainer calibrates the gate on its
 validation cases) -> predict the test cases dense and gated -> evaluate both, with a picture per case
 -> one comparison table plus the gate's lesion coverage next to a random gate's. Every step runs the
@@ -20,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from nnunetv2_gfscreen.evaluation.tables import format_comparison_table
-from nnunetv2_gfscreen.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, QUICK, DemoSettings,
-                                                  Runner, machine_description)
+from gfscreen_lab.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, QUICK, DemoSettings,
+                                             Runner, machine_description)
 
 
 def gate_table(gate: dict) -> str:
@@ -83,18 +84,23 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: boo
 
 
 def demo_entry_point() -> None:
-    parser = argparse.ArgumentParser(description="GF-Screen demo on synthetic CT: generate test cases, take the shipped "
-                                                 "model (or train one on the CPU with --train), predict dense and "
-                                                 "gated, evaluate, print one comparison table.")
+    parser = argparse.ArgumentParser(prog="nnUNetv2_gfscreen_demo",
+                                     description="GF-Screen demo on synthetic CT: generate test cases, take the "
+                                                 "shipped model (or train one on the CPU with --train), predict "
+                                                 "dense and gated, evaluate, print one comparison table.")
     parser.add_argument("-o", type=str, default="demo_output", help="output folder. Default: ./demo_output")
     parser.add_argument("--quick", action="store_true", default=os.environ.get("GFSCREEN_DEMO_QUICK", "0") == "1",
                         help="tiny smoke version (a few minutes; also GFSCREEN_DEMO_QUICK=1); writes into <o>/quick")
     parser.add_argument("--train", action="store_true",
                         help="train the model from scratch (about 45 minutes on 2 CPU cores) instead of using the "
-                             "small model that ships with the package; --quick always trains its tiny model")
+                             "small model that ships in the repository; --quick always trains its tiny model")
     parser.add_argument("-device", type=str, default="cpu", choices=("cpu", "cuda"), help="Default: cpu")
     args = parser.parse_args()
     root = Path(args.o) / "quick" if args.quick else Path(args.o) / ("trained" if args.train else "")
     t0 = time.perf_counter()
     run_demo(root, QUICK if args.quick else FULL, args.device, train=args.train or args.quick)
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    demo_entry_point()

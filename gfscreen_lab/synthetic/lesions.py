@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
-from nnunetv2_gfscreen.synthetic.anatomy import ORGAN_GROUPS, ORGAN_LABELS
+from gfscreen_lab.synthetic.anatomy import ORGAN_GROUPS, ORGAN_LABELS
 
 
 @dataclass(frozen=True)

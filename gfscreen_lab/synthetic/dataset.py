@@ -20,9 +20,9 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from nnunetv2_gfscreen.atomic import atomic_path, write_json
-from nnunetv2_gfscreen.synthetic.anatomy import (ORGAN_HU, ORGAN_LABELS, Grid, SmoothField, build_organ_map,
-                                                  organ_names_present)
-from nnunetv2_gfscreen.synthetic.lesions import paint_lesions, place_lesions
+from gfscreen_lab.synthetic.anatomy import (ORGAN_HU, ORGAN_LABELS, Grid, SmoothField, build_organ_map,
+                                            organ_names_present)
+from gfscreen_lab.synthetic.lesions import paint_lesions, place_lesions
 
 DEFAULT_SHAPE = (64, 192, 192)
 DEFAULT_HEALTHY_FRACTION = 0.25
@@ -219,15 +219,17 @@ def write_dataset(dataset_id: int, num_train: int, num_test: int, seed: int = 0,
     write_json({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "numTraining": num_train,
         "file_ending": ".nii.gz", "name": dataset_name, "numTest": num_test,
-        "description": "Synthetic pan-cancer CT phantom (nnunetv2_gfscreen.synthetic); not real patient data",
+        "description": "Synthetic pan-cancer CT phantom (gfscreen_lab.synthetic); not real patient data",
         "gfscreen_synthetic": {"seed": seed, "shape_zyx": list(shape), "healthy_fraction": healthy_fraction},
     }, os.path.join(folder, "dataset.json"), indent=2)
     return folder
 
 
 def make_dataset_entry_point() -> None:
-    """CLI nnUNetv2_gfscreen_make_dataset: write a synthetic pan-cancer CT dataset into $nnUNet_raw."""
-    parser = argparse.ArgumentParser(description="Write a synthetic pan-cancer CT dataset (nnU-Net raw format, "
+    """`python -m gfscreen_lab.synthetic.dataset` (nnUNetv2_gfscreen_make_dataset): write a synthetic pan-cancer CT
+    dataset into $nnUNet_raw."""
+    parser = argparse.ArgumentParser(prog="nnUNetv2_gfscreen_make_dataset",
+                                     description="Write a synthetic pan-cancer CT dataset (nnU-Net raw format, "
                                                  "FLARE-style binary lesion labels) into $nnUNet_raw.")
     parser.add_argument("-d", type=int, required=True, help="dataset id (1-999)")
     parser.add_argument("--name", type=str, default="GFScreenSynth", help="dataset name after the id")
@@ -244,3 +246,7 @@ def make_dataset_entry_point() -> None:
     folder = write_dataset(args.d, args.ntr, args.nts, args.seed, args.shape, args.healthy_fraction, args.name,
                            num_processes=args.np, overwrite=args.overwrite)
     print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    make_dataset_entry_point()
