@@ -80,9 +80,10 @@ def test_record_of_a_toy_network():
         assert record["loco"]["rules"][name] == fit_rule(others, SETTINGS)[0].to_dict()
     assert case_rules(record)("b") == GateRule.from_dict(record["loco"]["rules"]["b"])
     assert case_rules(record)("unknown") == rule
-    # the envelope is the range of the cases' median logits, widened by the tolerance
+    # the envelope is the range of the cases' median logits, widened by the range and the tolerance
     medians = [s.coverage.statistic for s in scored]
-    assert rule.envelope == pytest.approx((min(medians) - 5.0, max(medians) + 5.0))
+    width = max(medians) - min(medians) + 5.0
+    assert rule.envelope == pytest.approx((min(medians) - width, max(medians) + width))
     # refitting at the stored target gives the stored rule (one rule everywhere)
     assert refit_rule(record, target=1.0)[0] == rule
     budget_rule, _, bound = refit_rule(record, max_selection=record["point"]["selection_ratio"] / 2)

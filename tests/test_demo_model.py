@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from nnunetv2_gfscreen.core.gate import Gate, GateRule
+
 from gfscreen_lab.experiments.runner import DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 from gfscreen_lab.synthetic.dataset import generate_case
@@ -14,9 +16,10 @@ def test_shipped_model_carries_its_calibration():
     checkpoint = torch.load(MODEL / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     calibration = checkpoint["gfscreen_calibration"]
     assert checkpoint["trainer_name"] == FULL.trainer
-    assert calibration["tile_margin"] == 0.25 and calibration["target_lesion_sensitivity"] == 0.98
-    assert checkpoint["network_weights"]["threshold"].dtype == torch.float64
-    assert float(checkpoint["network_weights"]["threshold"]) == pytest.approx(calibration["threshold"], rel=0, abs=0)
+    assert calibration["calibrated"] and calibration["settings"]["target_lesion_sensitivity"] == 0.98
+    assert calibration["settings"]["tile_margin"] == 0.25
+    assert checkpoint["network_weights"]["gate.threshold"].dtype == torch.float64
+    assert Gate.rule_from_state_dict(checkpoint["network_weights"]) == GateRule.from_dict(calibration["rule"])
     assert (MODEL.parent / "MODEL.md").is_file()
 
 
@@ -28,9 +31,6 @@ def test_shipped_model_gates_a_new_case_and_finds_its_lesion():
     predictor = GFScreenPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
                                   allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(MODEL), [0], "checkpoint_final.pth")
-    # written before the Glance's mirror axes were saved: loads strictly, scores each tile once, as calibrated
-    assert "glance_mirror_axes" not in predictor.list_of_parameters[0]
-    assert predictor.gfscreen_network.glance_mirror_axes_tuple == ()
     seg = predictor.predict_single_npy_array(image[None], {"spacing": list(spacing)}, None, None, False)
     record = predictor.records[-1]
     assert record.tiles_selected < 0.3 * len(record.selected)       # the gate skips most tiles
