@@ -8,7 +8,10 @@ every replacement is installed by an explicit call, for as long as the caller ne
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional
 
+import torch
+
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 NNUNET_VERSIONS = ">=2.8.1,<2.9"
 
@@ -47,3 +50,33 @@ def final_validation_with(trainer, predictor_class: type) -> Iterator[CaseCursor
     finally:
         nnunet_trainer_module.nnUNetPredictor = original
         trainer.dataset_class = base
+
+
+class PredictorHooks(nnUNetPredictor):
+    """nnU-Net's predictor with the private steps we build on under public names.
+
+    Relies on: `predict_sliding_window_return_logits` pads the case, computes the tiles and hands them to
+    `_internal_predict_sliding_window_return_logits(data, slicers, do_on_device)` (and retries that on the CPU
+    after an out-of-memory error), which we override as `sliding_window`; `_internal_maybe_mirror_and_predict(x)`
+    runs the network on a batch of tiles with nnU-Net's mirroring TTA (`mirror_and_predict`);
+    `_manage_input_and_output_lists` lists a folder's cases as `nnUNetv2_predict` does (`case_lists`). nnU-Net
+    exposes none of them publicly, and copying them would fork its padding, OOM and TTA logic.
+    """
+
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        return self.sliding_window(data, slicers, do_on_device)
+
+    def sliding_window(self, data: torch.Tensor, slicers, do_on_device: bool = True) -> torch.Tensor:
+        """nnU-Net's own loop over `slicers` (every tile, one at a time); subclasses replace it."""
+        return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+
+    def mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on x (B, C, *patch) with nnU-Net's mirroring TTA (when the predictor mirrors)."""
+        return self._internal_maybe_mirror_and_predict(x)
+
+    def case_lists(self, input_folder: str, output_folder: str, overwrite: bool, part_id: int, num_parts: int,
+                   save_probabilities: bool):
+        """(image file lists, output file names without ending, previous-stage files) of a folder, as
+        nnUNetv2_predict lists them (skipping finished cases unless `overwrite`)."""
+        return self._manage_input_and_output_lists(input_folder, output_folder, None, overwrite, part_id, num_parts,
+                                                   save_probabilities)

@@ -1,6 +1,6 @@
 """The Glance-gated sliding window, shared by GFScreenPredictor and the trainer's final validation.
 
-`GatedSlidingWindowMixin` replaces nnU-Net's `_internal_predict_sliding_window_return_logits`: the Glance
+`GatedSlidingWindowMixin` replaces nnU-Net's sliding-window loop (`nnunet_adapters.PredictorHooks.sliding_window`): the Glance
 scores every tile once (batched; `GFScreenNetwork.glance_logits`), the gate decides for the whole case
 (core/gate.py: threshold, floor, fallback), then the Focus segments only the selected tiles (batched), with
 nnU-Net's Gaussian blending and mirroring TTA on those alone. Voxels that no selected tile covers get logits 0
@@ -21,7 +21,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
@@ -30,6 +29,7 @@ from nnunetv2_gfscreen.core.gate import Gate, GateDecision, GateRule, decide, po
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_gfscreen_network
 from nnunetv2_gfscreen.core.records import SlidingWindowRecord
 from nnunetv2_gfscreen.core.tiles import score_tile_logits
+from nnunetv2_gfscreen.nnunet_adapters import PredictorHooks
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 
 
@@ -66,7 +66,7 @@ def grow_selection(predicted_logits: torch.Tensor, n_predictions: torch.Tensor, 
 
 
 class GatedSlidingWindowMixin:
-    """Mix into an `nnUNetPredictor` subclass (before it) to gate its sliding window.
+    """Mix into a `nnunet_adapters.PredictorHooks` subclass (before it) to gate its sliding window.
 
     Attributes (set by `_init_gated_window`): threshold (a logit; None: the rule's calibrated one), rule (a
     GateRule replacing the network's for every case; None: the network's), dense (every tile to the Focus, no
@@ -164,7 +164,7 @@ class GatedSlidingWindowMixin:
             for start in range(0, len(tiles), self.tile_batch_size):
                 batch = tiles[start:start + self.tile_batch_size]
                 x = torch.stack([data[s] for s in batch]).to(self.device, non_blocking=True)
-                prediction = self._internal_maybe_mirror_and_predict(x).to(results_device)
+                prediction = self.mirror_and_predict(x).to(results_device)
                 # same operations and dtypes as nnU-Net's loop, tile by tile in slicer order
                 for tile_prediction, s in zip(prediction, batch):
                     if self.use_gaussian:
@@ -173,7 +173,7 @@ class GatedSlidingWindowMixin:
                     n_predictions[s[1:]] += gaussian
 
     @torch.inference_mode()
-    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+    def sliding_window(self, data: torch.Tensor, slicers, do_on_device: bool = True):
         """Gated replacement of nnU-Net's loop. data: (C, *padded shape); returns (K, *padded shape) float16 logits."""
         if len(self.configuration_manager.patch_size) != 3:
             raise NotImplementedError("GFScreenPredictor supports 3D configurations only (the Glance is a 3D network)")
@@ -247,7 +247,7 @@ class GatedSlidingWindowMixin:
             dense=self.dense, glance_seconds=glance_s, focus_seconds=focus_s)
 
 
-class GatedNnUNetPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
+class GatedNnUNetPredictor(GatedSlidingWindowMixin, PredictorHooks):
     """nnU-Net's predictor with the gated sliding window and its constructor unchanged (the trainer's final
     validation builds it where nnU-Net builds `nnUNetPredictor`); gate options at their defaults."""
 

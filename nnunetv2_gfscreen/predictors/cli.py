@@ -146,8 +146,8 @@ def predict_folder(predictor: GFScreenPredictor, input_folder: str, output_folde
     save_json(predictor.dataset_json, join(output_folder, 'dataset.json'), sort_keys=False)
     save_json(predictor.plans_manager.plans, join(output_folder, 'plans.json'), sort_keys=False)
 
-    lists, truncated, _ = predictor._manage_input_and_output_lists(input_folder, output_folder, None, overwrite,
-                                                                    part_id, num_parts, save_probabilities)
+    lists, truncated, _ = predictor.case_lists(input_folder, output_folder, overwrite, part_id, num_parts,
+                                               save_probabilities)
     remove_stale_partials([output_folder, report_dir], [os.path.basename(t) for t in truncated])
     states = [_CaseState(os.path.basename(t), files, t) for files, t in zip(lists, truncated)]
     # nnU-Net's export sets torch's (process-wide) thread count; keep it where the sliding window has it

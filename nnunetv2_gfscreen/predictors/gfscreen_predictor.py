@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_gfscreen.atomic import partial_name
 from nnunetv2_gfscreen.core.gate import Gate, GateRule
 from nnunetv2_gfscreen.core.gated_window import GatedSlidingWindowMixin
 from nnunetv2_gfscreen.core.records import Box
+from nnunetv2_gfscreen.nnunet_adapters import PredictorHooks
 from nnunetv2_gfscreen.predictors.probabilities import export_with_probabilities
 from nnunetv2_gfscreen.torch_io.export import export_logits_torch
 from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
@@ -52,7 +52,7 @@ def nifti_nonfinite_count(path: str) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
-class GFScreenPredictor(GatedSlidingWindowMixin, nnUNetPredictor):
+class GFScreenPredictor(GatedSlidingWindowMixin, PredictorHooks):
     """nnUNetPredictor whose sliding window runs the Focus on Glance-selected tiles only.
 
     threshold: a logit replacing the calibrated rule's threshold when not None (the rest of the rule stays).
