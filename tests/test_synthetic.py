@@ -164,3 +164,61 @@ def test_cli_writes_into_nnunet_raw_with_workers(tmp_path, monkeypatch):
     for i in range(2):
         lab = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"GFS_000{i}.nii.gz")))
         assert np.array_equal(lab, generate_case(9, i, TINY, healthy=False)[1]) and lab.sum() > 0
+
+
+def test_shifted_cases_are_imaged_differently_and_keep_binary_lesion_labels():
+    """The other site's profile: other spacing, more noise, a HU offset and contrast, another body; deterministic;
+    lesion cases still hold lesions in binary labels, healthy ones none."""
+    from gfscreen_lab.synthetic.dataset import SHIFTS
+    profile = SHIFTS["other_site"]
+    liver_means, liver_sds = {None: [], "other_site": []}, {None: [], "other_site": []}
+    body_share = {None: [], "other_site": []}
+    for i in range(4):
+        for shift in (None, "other_site"):
+            image, label, spacing, info = generate_case(6, i, SMALL, healthy=False, shift=shift)
+            if shift is None:
+                assert 2.5 <= spacing[0] <= 3.0 and 0.7 <= spacing[1] <= 0.9
+                assert (info["hu_gain"], info["hu_offset"]) == (1.0, 0.0)
+            else:
+                assert profile.spacing_z_mm[0] <= spacing[0] <= profile.spacing_z_mm[1] < 2.5
+                assert 0.9 <= profile.spacing_xy_mm[0] <= spacing[1] <= profile.spacing_xy_mm[1]
+                assert 1.08 <= info["hu_gain"] <= 1.2 and 10 <= info["hu_offset"] <= 30
+            assert info["shift"] == shift
+            assert set(np.unique(label).tolist()) == {0, 1} and info["num_lesions"] >= 1
+            om = info["organ_map"]
+            liver = binary_erosion(om == ORGAN_LABELS["liver"], iterations=2)
+            liver_means[shift].append(image[liver].mean())
+            liver_sds[shift].append(image[liver].std())
+            body_share[shift].append((om != ORGAN_LABELS["air"]).mean())
+        _, empty, _, _ = generate_case(6, i, SMALL, healthy=True, shift="other_site")
+        assert empty.sum() == 0
+    # liver 60 HU -> 60 * gain + offset >= 74.8; noise sd 22-35 HU against 10-20; a smaller body in the field of view
+    assert min(liver_means["other_site"]) > max(liver_means[None]) + 5
+    assert min(liver_sds["other_site"]) > max(liver_sds[None])
+    assert np.mean(body_share["other_site"]) < np.mean(body_share[None]) - 0.05   # body fraction 0.35-0.41 vs 0.41-0.45
+    a = generate_case(6, 1, TINY, healthy=False, shift="other_site")
+    b = generate_case(6, 1, TINY, healthy=False, shift="other_site")
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes() and a[2] == b[2]
+    with pytest.raises(ValueError, match="other_site"):
+        generate_case(6, 1, TINY, shift="nope")
+
+
+def test_test_only_dataset_holds_the_shifted_test_cases(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_gfscreen_make_dataset", "-d", "8", "-ntr", "5", "-nts", "2",
+                                      "--seed", "3", "--shape", *map(str, TINY), "--shift", "other_site",
+                                      "--test_only"])
+    make_dataset_entry_point()
+    folder = tmp_path / "Dataset008_GFScreenSynth"
+    assert sorted(os.listdir(folder)) == ["dataset.json", "gfscreen_cases.json", "imagesTs", "labelsTs"]
+    assert sorted(os.listdir(folder / "imagesTs")) == ["GFS_0005_0000.nii.gz", "GFS_0006_0000.nii.gz"]
+    dj = json.load(open(folder / "dataset.json"))
+    assert dj["numTraining"] == 0 and dj["gfscreen_synthetic"]["shift"] == "other_site"
+    for i in (5, 6):   # the same cases as the full dataset's test cases with this shift
+        image, label, spacing, _ = generate_case(3, i, TINY, shift="other_site")
+        img = sitk.ReadImage(str(folder / "imagesTs" / f"GFS_000{i}_0000.nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(img), image) and np.allclose(img.GetSpacing(), spacing[::-1])
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTs" / f"GFS_000{i}.nii.gz")))
+        assert np.array_equal(lab, label)
+    with pytest.raises(ValueError, match="test-only"):
+        write_dataset(9, 5, 0, shape=TINY, raw_folder=str(tmp_path), test_only=True)

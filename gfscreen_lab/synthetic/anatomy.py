@@ -7,6 +7,7 @@ over the field of view. Array axes are (z, y, x); with an identity direction thi
 SimpleITK. Organs are perturbed ellipsoids; the shapes vary smoothly per case through one random
 displacement field and per-organ surface noise, all built from separable Gaussian-RBF fields.
 """
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -24,6 +25,19 @@ ORGAN_HU: Dict[str, float] = {
     "vertebra": 450., "cortical_bone": 900., "disc": 80., "lung": -850., "bowel": 20., "bowel_gas": -950.,
 }
 ORGAN_GROUPS: Dict[str, Tuple[str, ...]] = {"kidney": ("kidney_cortex", "kidney_medulla")}
+
+
+@dataclass(frozen=True)
+class Habitus:
+    """The population a site scans and how it frames them: ranges the phantom's body is drawn from.
+
+    body_fraction: body half-width / in-plane field of view (a larger display field of view gives a smaller
+    fraction); eccentricity: body depth / width; fat: subcutaneous fat thickness (normalised); z_offset: where
+    the field of view sits along the body (normalised, > 0 further cranial: more lung and liver dome)."""
+    body_fraction: Tuple[float, float] = (0.41, 0.45)
+    eccentricity: Tuple[float, float] = (0.68, 0.8)
+    fat: Tuple[float, float] = (0.07, 0.14)
+    z_offset: float = 0.0
 
 
 class SmoothField:
@@ -59,19 +73,21 @@ class Grid:
     """Voxel grid with normalised, smoothly displaced coordinates (see module docstring).
 
     shape and spacing are (z, y, x); half_width_mm is the body half-width in mm; the body centre sits
-    at centre_mm (y, x) relative to the in-plane grid centre.
+    at centre_mm (y, x) relative to the in-plane grid centre; z_offset (normalised) moves the field of view along
+    the body (> 0: cranially).
     """
 
     def __init__(self, shape, spacing, half_width_mm: float, centre_mm: Tuple[float, float],
-                 rng: np.random.Generator, displacement: float = 0.035):
+                 rng: np.random.Generator, displacement: float = 0.035, z_offset: float = 0.0):
         self.shape, self.spacing = tuple(shape), tuple(spacing)
         nz, ny, nx = shape
         sz, sy, sx = spacing
         self.z_scale = (nz - 1) * sz / 2 or 1.0
         self.half_width = half_width_mm
         # index k -> normalised coordinate: (k - origin) * step
-        self.origin = ((nz - 1) / 2, (ny - 1) / 2 + centre_mm[0] / sy, (nx - 1) / 2 + centre_mm[1] / sx)
         self.step = (sz / self.z_scale, sy / half_width_mm, sx / half_width_mm)
+        self.origin = ((nz - 1) / 2 - z_offset / self.step[0], (ny - 1) / 2 + centre_mm[0] / sy,
+                       (nx - 1) / 2 + centre_mm[1] / sx)
         axes = [((np.arange(n) - o) * s).astype(np.float32) for n, o, s in zip(shape, self.origin, self.step)]
         self.max_disp = 3 * displacement
         disp = [np.clip(SmoothField(rng, shape, (4, 5, 5)).sample(), -3, 3) * displacement for _ in range(3)]
@@ -120,12 +136,12 @@ def _jitter(rng: np.random.Generator, centre, radii, pos_sd: float = 0.03, scale
     return centre, radii
 
 
-def build_organ_map(grid: Grid, rng: np.random.Generator) -> np.ndarray:
+def build_organ_map(grid: Grid, rng: np.random.Generator, habitus: Habitus = Habitus()) -> np.ndarray:
     """Paint the phantom's organs into a uint8 (z, y, x) map of ORGAN_LABELS values; later organs win overlaps."""
     L = ORGAN_LABELS
     om = np.zeros(grid.shape, np.uint8)
-    ecc = rng.uniform(0.68, 0.8)                        # body depth / width
-    fat = rng.uniform(0.07, 0.14)                       # subcutaneous fat thickness (normalised)
+    ecc = rng.uniform(*habitus.eccentricity)            # body depth / width
+    fat = rng.uniform(*habitus.fat)                     # subcutaneous fat thickness (normalised)
     wall = rng.uniform(0.05, 0.07)                      # abdominal muscle wall thickness
     body_r = 1 + 0.05 * grid.z + 0.025 * np.clip(grid.surface[0], -2.5, 2.5)
     ring = np.sqrt(grid.x ** 2 + (grid.y / ecc) ** 2) / body_r   # 1 at the skin
