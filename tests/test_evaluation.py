@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_gfscreen.evaluation.evaluate_folder import evaluate_entry_point, evaluate_folders
+from nnunetv2_gfscreen.evaluation.evaluate_folder import evaluate_entry_point, evaluate_folders, write_results
 from nnunetv2_gfscreen.evaluation.lesions import aggregate_detection, lesion_detection_counts
 from nnunetv2_gfscreen.evaluation.metrics import dice, flare_dsc_nsd, normalized_surface_dice
 from nnunetv2_gfscreen.evaluation.reports import aggregate_reports, summarize_report, tile_confusion
@@ -160,6 +160,60 @@ def test_case_level_rates():
     assert agg["case_sensitivity"] == pytest.approx(2 / 3)
     assert agg["fp_per_case"] == pytest.approx(3 / 5)
     assert agg["lesion_sensitivity"] == pytest.approx(2 / 3)
+
+
+def test_detection_per_lesion_volume_bin_by_hand():
+    """Volumes in mm^3 with the voxel volume (2 mm^3 here): 27 voxels = 54 mm^3 (< 500), 250 voxels = exactly
+    500 mm^3 (the 500-5000 bin: bins are closed on the left), 3125 voxels = 6250 mm^3 (>= 5000)."""
+    gt = np.zeros((12, 64, 64), bool)
+    gt[0:3, 0:3, 0:3] = True          # 27 voxels, found
+    gt[0:5, 10:15, 10:20] = True      # 250 voxels, missed
+    gt[6:11, 30:55, 30:55] = True     # 3125 voxels, found
+    pred = np.zeros_like(gt)
+    pred[1, 1, 1] = pred[8, 40, 40] = True
+    pred[0, 60, 60] = True            # a false positive
+    c = lesion_detection_counts(gt, pred, voxel_volume_mm3=2.0)
+    assert (c["n_lesions_lt500"], c["n_found_lt500"]) == (1, 1)
+    assert (c["n_lesions_500to5000"], c["n_found_500to5000"]) == (1, 0)
+    assert (c["n_lesions_ge5000"], c["n_found_ge5000"]) == (1, 1)
+    # at 1 mm^3 per voxel the 250-voxel lesion is small and the 3125-voxel one mid-sized
+    c1 = lesion_detection_counts(gt, pred, voxel_volume_mm3=1.0)
+    assert (c1["n_lesions_lt500"], c1["n_lesions_500to5000"], c1["n_lesions_ge5000"]) == (2, 1, 0)
+    assert "n_lesions_lt500" not in lesion_detection_counts(gt, pred)
+    healthy = lesion_detection_counts(np.zeros_like(gt), pred, voxel_volume_mm3=2.0)
+    agg = aggregate_detection([c, healthy])
+    assert agg["n_lesions_lt500"] == 1 and agg["lesion_sensitivity_lt500"] == 1.0
+    assert agg["lesion_sensitivity_500to5000"] == 0.0 and agg["lesion_sensitivity_ge5000"] == 1.0
+    assert [(b["key"], b["lesions"], b["found"]) for b in agg["size_bins"]] == \
+        [("lt500", 1, 1), ("500to5000", 1, 0), ("ge5000", 1, 1)]
+    assert agg["lesion_sensitivity"] == pytest.approx(2 / 3)
+    # a case without bin counts (no voxel volume) leaves the bins out rather than pooling part of the cases
+    assert "size_bins" not in aggregate_detection([c, lesion_detection_counts(gt, pred)])
+    with pytest.raises(ValueError, match="voxel_volume_mm3"):
+        lesion_detection_counts(gt, pred, voxel_volume_mm3=0.0)
+
+
+def test_folder_bins_lesions_by_gt_spacing(tmp_path):
+    """A 200-voxel lesion is 600 mm^3 at 1 x 1 x 3 mm (500-5000 bin); a 20-voxel one 60 mm^3, missed."""
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    gt = np.zeros((10, 30, 30), bool)
+    gt[0:2, 0:10, 0:10] = True
+    gt[5:7, 20:22, 20:25] = True
+    pred = np.zeros_like(gt)
+    pred[1, 5, 5] = True
+    _write(tmp_path / "gt" / "a.nii.gz", gt, (1.0, 1.0, 3.0))
+    _write(tmp_path / "pred" / "a.nii.gz", pred, (1.0, 1.0, 3.0))
+    res = evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"), None, num_processes=1)
+    agg = res["aggregate"]
+    assert (agg["n_lesions_lt500"], agg["n_found_lt500"]) == (1, 0)
+    assert (agg["n_lesions_500to5000"], agg["n_found_500to5000"]) == (1, 1)
+    assert agg["n_lesions_ge5000"] == 0 and agg["lesion_sensitivity_ge5000"] is None
+    write_results(res, md_file=str(tmp_path / "r.md"))
+    md = (tmp_path / "r.md").read_text()
+    assert "## Lesion-level sensitivity by lesion volume" in md
+    assert "| <500 mm3 | 1 | 0 | 0.0 |" in md and "| 500-5000 mm3 | 1 | 1 | 100.0 |" in md
+    assert "| >=5000 mm3 | 0 | 0 | n/a |" in md
 
 
 def test_detection_degenerate_cases():

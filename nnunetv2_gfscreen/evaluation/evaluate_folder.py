@@ -1,6 +1,7 @@
 """Evaluate a folder of FLARE-style predictions (``<case>.nii.gz``, labels 0/1) against the GT.
 
-Per case: FLARE DSC / NSD (2 mm, GT spacing), lesion detection counts and, when a predictor
+Per case: FLARE DSC / NSD (2 mm, GT spacing), lesion detection counts (also per lesion-volume bin, GT
+lesion volume in mm^3 with the GT spacing) and, when a predictor
 report ``<case>.json`` exists, its timing / selection numbers and Glance tile confusion counts.
 Aggregates pool these over the folder. With ``--png`` (and ``-img``, the images ``<case>_0000.nii.gz``)
 each case also gets a picture ``<png_dir>/<case>.png`` (``figures.render_case_figure``): three views
@@ -73,7 +74,7 @@ def evaluate_case(case: str, pred_file: str, gt_file: str, report_file: Optional
     dsc, nsd = flare_dsc_nsd(gt, pred, spacing, tolerance_mm)
     result = {"case": case, "dsc": dsc, "nsd": nsd,
               "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum()),
-              **lesion_detection_counts(gt, pred)}
+              **lesion_detection_counts(gt, pred, float(np.prod(spacing)))}
     report = load_report(report_file) if report_file is not None else None
     if report is not None:
         result["report"] = summarize_report(report, gt, case)

@@ -85,11 +85,22 @@ def format_comparison_table(results: Dict[str, dict]) -> str:
     return _table(["run"] + [c[0] for c in COMPARISON_COLUMNS], rows)
 
 
+def format_size_bins(size_bins: Sequence[dict]) -> str:
+    """Markdown: lesion-level detection sensitivity per lesion-volume bin (``aggregate_detection``'s
+    ``size_bins``)."""
+    return _table(["GT lesion volume", "lesions", "found", "lesion sensitivity %"],
+                  [[b["bin"], str(b["lesions"]), str(b["found"]), _pct(b["sensitivity"])] for b in size_bins])
+
+
 def format_results_markdown(result: dict) -> str:
-    """Markdown for one evaluation: an aggregate row table and a per-case table."""
+    """Markdown for one evaluation: an aggregate row table, detection by lesion volume (when counted) and a
+    per-case table."""
     agg_cols = [c for c in AGGREGATE_COLUMNS if c[1] in result["aggregate"]]
     case_cols = [c for c in PER_CASE_COLUMNS if any(c[1] in r for r in result["per_case"])]
+    by_size = result["aggregate"].get("size_bins")
     return ("## Aggregate\n\n" + _table([c[0] for c in agg_cols], [_row(result["aggregate"], agg_cols)])
+            + ("\n## Lesion-level sensitivity by lesion volume (mm^3, ground truth)\n\n" + format_size_bins(by_size)
+               if by_size else "")
             + "\n## Per case\n\n"
             + _table(["case"] + [c[0] for c in case_cols],
                      [[r["case"]] + _row(r, case_cols) for r in result["per_case"]]))
