@@ -4,7 +4,7 @@ from matplotlib import colors as mcolors
 from matplotlib import image as mimage
 
 from nnunetv2_gfscreen.evaluation import figures
-from nnunetv2_gfscreen.evaluation.figure_data import (HU_SOFT_TISSUE_WINDOW, _parse_tiles, choose_centre,
+from nnunetv2_gfscreen.evaluation.figure_data import (HU_SOFT_TISSUE_WINDOW, _parse_tiles, choose_centre, choose_views,
                                                       display_window, format_title, tile_maps, title_numbers_from)
 from nnunetv2_gfscreen.evaluation.figures import render_case_figure
 from nnunetv2_gfscreen.predictors.report import save_case_png
@@ -60,11 +60,16 @@ def test_render_case_figure_draws_views_tiles_and_contours(tmp_path):
                               spacing_zyx=SPACING)
     assert path == str(tmp_path / "sub" / "case_1.png")
     rgb = mimage.imread(path)
-    assert 400 <= rgb.shape[0] <= 800 and 800 <= rgb.shape[1] <= 1500
+    # two rows of views: through the larger lesion, and through the one-voxel lesion the prediction missed
+    assert 700 <= rgb.shape[0] <= 1000 and 800 <= rgb.shape[1] <= 1500
     assert not list((tmp_path / "sub").glob("*.partial*"))
     panels = _panel_pixels(path)
-    for colour in (figures.GT_COLOUR, figures.PRED_COLOUR, figures.SELECTED_COLOUR):
+    for colour in (figures.GT_COLOUR, figures.PRED_COLOUR, figures.SELECTED_COLOUR, figures.MISSED_COLOUR):
         assert _has_colour(panels, colour), colour
+    found_only = render_case_figure(image, gt, pred | gt, report, str(tmp_path / "f.png"), numbers,
+                                    spacing_zyx=SPACING)
+    assert mimage.imread(found_only).shape[0] <= 600  # one row when nothing is missed
+    assert not _has_colour(_panel_pixels(found_only), figures.MISSED_COLOUR)
 
 
 def test_no_report_means_no_tile_outline_and_mip_works(tmp_path):
@@ -92,6 +97,40 @@ def test_choose_centre_prefers_largest_gt_then_prediction():
     centre, why = choose_centre(empty, pred, SHAPE)
     assert pred[centre] and 9 <= centre[0] < 13 and "predicted" in why
     assert choose_centre(empty, None, SHAPE)[0] == (10, 24, 28)
+
+
+def test_chosen_views_go_through_every_missed_lesion_and_name_the_stage():
+    """A large lesion found, a small one outside the selected tiles (the gate lost it) and a small one inside them
+    (the Focus lost it): the first row goes through the large lesion, one row through each missed lesion."""
+    shape = (16, 32, 32)
+    gt = np.zeros(shape, bool)
+    gt[4:10, 4:12, 4:12] = True      # large, found
+    gt[12:14, 26:28, 26:28] = True   # 8 voxels, in no selected tile
+    gt[2, 20, 4] = True              # 1 voxel, in the selected tile
+    pred = np.zeros(shape, bool)
+    pred[5:9, 5:11, 5:11] = True
+    boxes = np.array([[[0, 16], [0, 24], [0, 16]], [[0, 16], [16, 32], [16, 32]]])
+    selected = np.array([True, False])
+    spacing = (2.0, 1.0, 1.0)
+    rows, missed, hidden = choose_views(gt, pred, shape, spacing, boxes, selected)
+    assert len(rows) == 3 and hidden == 0 and rows[0].missed is None
+    assert 4 <= rows[0].centre_zyx[0] < 10 and gt[rows[0].centre_zyx]
+    by_stage = {r.missed.missed_by: r for r in rows[1:]}
+    gate, focus = by_stage["gate"], by_stage["Focus"]
+    assert 12 <= gate.centre_zyx[0] < 14 and 26 <= gate.centre_zyx[1] < 28 and 26 <= gate.centre_zyx[2] < 28
+    assert (gate.missed.voxels, gate.missed.volume_mm3) == (8, 16.0) and "gate" in gate.why
+    assert focus.centre_zyx == (2, 20, 4) and focus.missed.voxels == 1
+    assert [m.voxels for m in missed] == [8, 1]   # largest first
+    # one row only: the missed lesions are listed but not shown, and the count says so
+    rows, missed, hidden = choose_views(gt, pred, shape, spacing, boxes, selected, max_rows=1)
+    assert len(rows) == 1 and len(missed) == 2 and hidden == 2
+    # the large lesion missed too: its own row (the first) says so, no second row through it
+    rows, missed, _ = choose_views(gt, np.zeros(shape, bool), shape, spacing, boxes, selected)
+    assert len(rows) == 3 and rows[0].missed is not None and rows[0].missed.voxels == 384
+    assert "missed by the gate" not in rows[0].why and "missed by the Focus" in rows[0].why
+    # without tiles the stage is unknown; without a prediction nothing counts as missed
+    assert {m.missed_by for m in choose_views(gt, pred, shape)[1]} == {"prediction"}
+    assert choose_views(gt, None, shape)[1] == [] and len(choose_views(gt, None, shape)[0]) == 1
 
 
 def test_tile_maps_take_max_score_and_slice_intersection():

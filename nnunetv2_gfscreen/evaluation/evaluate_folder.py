@@ -115,7 +115,7 @@ def evaluate_folders(pred_folder: str, gt_folder: str, reports_folder: Optional[
     Every GT case needs a prediction (extra predictions are ignored); reports are optional per
     case. Per-case report numbers are flattened into the case entries. With ``png_dir`` every case
     also gets ``<png_dir>/<case>.png``; then ``image_folder`` must hold ``<case>_0000.nii.gz`` for
-    every GT case. ``png_views``: ``'slices'`` (through the largest lesion) or ``'mip'``.
+    every GT case. ``png_views``: ``'slices'`` (through the largest lesion and every missed one) or ``'mip'``.
     """
     gt_cases = list_cases(gt_folder, "ground truth")
     pred_cases = set(list_cases(pred_folder, "prediction"))
@@ -202,8 +202,9 @@ def evaluate_entry_point() -> None:
     parser.add_argument("--png_dir", type=str, required=False, default=None,
                         help="folder for the pictures. Default: figures/ next to the output JSON")
     parser.add_argument("--png_views", type=str, required=False, default="slices", choices=("slices", "mip"),
-                        help="'slices' through the largest GT (else predicted) lesion or maximum-intensity "
-                             "projections ('mip'). Default: slices")
+                        help="'slices' through the largest GT (else predicted) lesion, plus a row through every GT "
+                             "lesion the prediction missed (outlined in red, with the stage that lost it: gate or "
+                             "Focus), or maximum-intensity projections ('mip'). Default: slices")
     args = parser.parse_args()
     if args.png and args.img is None:
         parser.error("--png needs -img (the folder with <case>_0000.nii.gz)")

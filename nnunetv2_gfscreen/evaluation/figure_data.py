@@ -1,18 +1,32 @@
-"""The numbers behind a case picture (evaluation/figures.py draws them): which slices to show, the intensity
-window, the tiles' score and selection maps per view, and the title line. Pure numpy, no matplotlib."""
+"""The numbers behind a case picture (evaluation/figures.py draws them): which slices to show (through the largest
+lesion and through every lesion the prediction missed), the intensity window, the tiles' score and selection maps
+per view, and the title line. Pure numpy, no matplotlib."""
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunetv2_gfscreen.core.coverage import MIN_COVERED_FRACTION
 from nnunetv2_gfscreen.core.lesions import label_lesions
 
 HU_SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+MAX_VIEW_ROWS = 6  # rows of three views in a picture: the largest lesion, then missed lesions
+
+
+def _component_centre(labels: np.ndarray, component: int, spacing_zyx: Optional[Sequence[float]] = None
+                      ) -> Tuple[int, int, int]:
+    """The voxel of component `component` of `labels` nearest its centroid (so the three slices through it
+    all cut the lesion, even a curved one)."""
+    coords = np.argwhere(labels == component)
+    sp = np.ones(3) if spacing_zyx is None else np.asarray(spacing_zyx, float)
+    d2 = (((coords - coords.mean(0)) * sp) ** 2).sum(1)
+    return tuple(int(v) for v in coords[int(np.argmin(d2))])
 
 
 def largest_component_centre(mask: np.ndarray, spacing_zyx: Optional[Sequence[float]] = None
                              ) -> Optional[Tuple[int, int, int]]:
-    """The voxel of the largest 26-connected component of ``mask`` nearest its centroid (so the
-    three slices through it all cut the lesion, even a curved one); None for an empty mask."""
+    """The voxel of the largest 26-connected component of ``mask`` nearest its centroid; None for an empty
+    mask."""
     if mask is None:
         return None
     labels, n = label_lesions(mask)
@@ -20,10 +34,93 @@ def largest_component_centre(mask: np.ndarray, spacing_zyx: Optional[Sequence[fl
         return None
     counts = np.bincount(labels.ravel(), minlength=n + 1)
     counts[0] = 0
-    coords = np.argwhere(labels == int(np.argmax(counts)))
-    sp = np.ones(3) if spacing_zyx is None else np.asarray(spacing_zyx, float)
-    d2 = (((coords - coords.mean(0)) * sp) ** 2).sum(1)
-    return tuple(int(v) for v in coords[int(np.argmin(d2))])
+    return _component_centre(labels, int(np.argmax(counts)), spacing_zyx)
+
+
+@dataclass(frozen=True)
+class MissedLesion:
+    """A ground-truth lesion that no predicted voxel touches, and which stage lost it: 'gate' (under
+    MIN_COVERED_FRACTION of its voxels in the selected tiles, so the Focus never saw it), 'Focus' (its tiles were
+    predicted) or 'prediction' (no tiles known)."""
+    component: int                     # its id in the ground truth's component labels
+    centre_zyx: Tuple[int, int, int]
+    voxels: int
+    volume_mm3: float
+    missed_by: str
+
+    def describe(self) -> str:
+        voxels = f"{self.voxels} voxel" + ("" if self.voxels == 1 else "s")
+        return f"missed by the {self.missed_by}: lesion of {voxels} ({self.volume_mm3:.0f} mm3)"
+
+
+def missed_lesions(gt: Optional[np.ndarray], pred: Optional[np.ndarray], boxes: Optional[np.ndarray] = None,
+                   selected: Optional[np.ndarray] = None, spacing_zyx: Optional[Sequence[float]] = None
+                   ) -> Tuple[Optional[np.ndarray], List[MissedLesion]]:
+    """(ground-truth component labels, the lesions the prediction missed, largest first).
+
+    gt, pred: (z, y, x) masks (nothing is missed without both); boxes (n, 3, 2) half-open tile boxes and
+    selected (n,) bool, the report's tiles: a missed lesion is the gate's when its voxels lie less than
+    MIN_COVERED_FRACTION in the selected tiles, else the Focus's; without tiles, the prediction's."""
+    if gt is None or pred is None:
+        return None, []
+    labels, n = label_lesions(gt)
+    if n == 0:
+        return labels, []
+    found = np.zeros(n + 1, bool)
+    found[np.unique(labels[np.asarray(pred) > 0])] = True
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    union = None
+    if boxes is not None and len(boxes):
+        union = np.zeros(labels.shape, bool)
+        for box, sel in zip(boxes, selected):
+            if sel:
+                union[tuple(slice(int(a), int(b)) for a, b in box)] = True
+        in_selected = np.bincount(labels[union].ravel(), minlength=n + 1)
+    voxel_mm3 = 1.0 if spacing_zyx is None else float(np.prod(spacing_zyx))
+    out = []
+    for c in range(1, n + 1):
+        if found[c]:
+            continue
+        if union is None:
+            by = "prediction"
+        else:
+            by = "gate" if in_selected[c] < MIN_COVERED_FRACTION * counts[c] else "Focus"
+        out.append(MissedLesion(c, _component_centre(labels, c, spacing_zyx), int(counts[c]),
+                                float(counts[c]) * voxel_mm3, by))
+    return labels, sorted(out, key=lambda m: (-m.voxels, m.component))
+
+
+@dataclass(frozen=True)
+class ViewRow:
+    """One row of three views through centre_zyx; `missed`: the missed lesion it is there to show."""
+    centre_zyx: Tuple[int, int, int]
+    why: str
+    missed: Optional[MissedLesion] = None
+
+
+def choose_views(gt: Optional[np.ndarray], pred: Optional[np.ndarray], shape: Sequence[int],
+                 spacing_zyx: Optional[Sequence[float]] = None, boxes: Optional[np.ndarray] = None,
+                 selected: Optional[np.ndarray] = None, max_rows: int = MAX_VIEW_ROWS
+                 ) -> Tuple[List[ViewRow], List[MissedLesion], int]:
+    """The rows of a picture: the first through `choose_centre`'s lesion, then one through every lesion the
+    prediction missed (`missed_lesions`, largest first) that the first row does not already go through.
+    Returns (rows, all missed lesions, how many missed lesions got no row for want of `max_rows`)."""
+    labels, missed = missed_lesions(gt, pred, boxes, selected, spacing_zyx)
+    rows, hidden = view_rows(*choose_centre(gt, pred, shape, spacing_zyx), labels, missed, max_rows)
+    return rows, missed, hidden
+
+
+def view_rows(centre: Tuple[int, int, int], why: str, labels: Optional[np.ndarray], missed: Sequence[MissedLesion],
+              max_rows: int = MAX_VIEW_ROWS) -> Tuple[List[ViewRow], int]:
+    """`choose_views`' rows from the first row's centre and the missed lesions (`missed_lesions`' output):
+    (rows, missed lesions left without a row)."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    first = next((m for m in missed if labels[centre] == m.component), None)
+    rows = [ViewRow(centre, why + (f" ({first.describe()})" if first else ""), first)]
+    rest = [m for m in missed if m is not first]
+    rows += [ViewRow(m.centre_zyx, m.describe(), m) for m in rest[:max_rows - 1]]
+    return rows, max(0, len(rest) - (max_rows - 1))
 
 
 def choose_centre(gt: Optional[np.ndarray], pred: Optional[np.ndarray], shape: Sequence[int],

@@ -2,12 +2,15 @@
 
 ``render_case_figure`` draws a CT in three orthogonal views (axial, coronal, sagittal), either the
 slices through the centre of the largest ground-truth lesion (else the largest predicted lesion, else
-the volume centre) or maximum-intensity projections, and lays over each view
+the volume centre), plus a further row of slices through every ground-truth lesion the prediction missed
+(`figure_data.choose_views`: a picture of a case that lost a lesion shows it), or maximum-intensity
+projections, and lays over each view
 
 - the Glance score of every tile covering a pixel (max where tiles overlap; a slice view only uses the
   tiles that intersect the slice) as a semi-transparent colormap,
 - the outline of the union of the *selected* tiles' footprints,
-- ground-truth lesion contours and predicted lesion contours,
+- ground-truth lesion contours and predicted lesion contours, and missed lesions in their own colour
+  (labelled by the stage that lost them: the gate, or the Focus),
 
 with a legend, a Glance-score colorbar (the gate threshold marked) and the case's numbers in the title.
 
@@ -24,8 +27,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunetv2_gfscreen.atomic import atomic_path
-from nnunetv2_gfscreen.evaluation.figure_data import (_num, _parse_tiles, choose_centre, display_window, format_title,
-                                                      percentile_window, tile_maps)
+from nnunetv2_gfscreen.evaluation.figure_data import (ViewRow, _num, _parse_tiles, choose_centre, display_window,
+                                                      format_title, missed_lesions, percentile_window, tile_maps,
+                                                      view_rows)
 
 VIEWS = ("slices", "mip", "mean")
 VIEW_AXES = (("axial", 0), ("coronal", 1), ("sagittal", 2))
@@ -34,6 +38,7 @@ AXIS_NAMES = ("z", "y", "x")
 GT_COLOUR = "#00ff00"  # lime
 PRED_COLOUR = "#ff00ff"  # magenta
 SELECTED_COLOUR = "#00e5ff"  # cyan
+MISSED_COLOUR = "#ff2020"  # red: a ground-truth lesion the prediction missed
 SCORE_CMAP = "inferno"
 LOGIT_RANGE = 20.0  # the score shading spans logits -20 .. 20 (p from 2e-9 to 1 - 2e-9)
 
@@ -47,6 +52,7 @@ SCORE_ALPHA = (0.03, 0.42)  # overlay opacity at score 0 and 1: low scores barel
 SCORE_CMAP_RANGE = (0.15, 0.92)  # part of the colormap used: no near-black start, no washed-out top
 CONTOUR_WIDTH = 1.6
 SELECTED_WIDTH = 1.8
+MISSED_WIDTH = 2.2
 
 # panel geometry, inches
 _PANEL_HEIGHT_MAX = 3.8
@@ -57,6 +63,9 @@ _MIN_SLOT = 1.4  # a panel's slot is at least this wide, so that the panel title
 _SIDE = 0.25
 _TOP = 0.95  # title lines + panel titles
 _BOTTOM = 0.85  # legend and colorbar
+_ROW_CAPTION = 0.4  # above each further row: which missed lesion it goes through
+_ROWS_HEIGHT_MAX = 6.0  # several rows share this height ...
+_ROW_HEIGHT_MIN = 2.2  # ... but a row is never lower than this
 
 
 # ---------------------------------------------------------------- what to show
@@ -112,18 +121,18 @@ def _edge_outline(ax, mask: np.ndarray, colour: str, width: float, zorder: float
                                          capstyle="projecting"), autolim=False)
 
 
-def _view_images(image, gt, pred, views: str, centre):
-    """Per view: (name, axis, index or None, 2D image, 2D gt or None, 2D pred or None)."""
+def _view_images(image, gt, pred, views: str, centre, missed=None):
+    """Per view: (name, axis, index or None, 2D image, 2D gt, pred and missed-lesion masks or None)."""
     out = []
     for name, axis in VIEW_AXES:
         if views == "slices":
             index = centre[axis]
             take = lambda a: None if a is None else np.take(a, index, axis=axis)
-            out.append((name, axis, index, take(image), take(gt), take(pred)))
+            out.append((name, axis, index, take(image), take(gt), take(pred), take(missed)))
         else:
             proj = np.max if views == "mip" else np.mean
             take = lambda a: None if a is None else np.any(a, axis=axis)
-            out.append((name, axis, None, proj(image, axis=axis), take(gt), take(pred)))
+            out.append((name, axis, None, proj(image, axis=axis), take(gt), take(pred), take(missed)))
     return out
 
 
@@ -138,7 +147,8 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
     predictor's case report (``tiles`` with ``bbox_original``, ``score``, ``selected``; ``threshold``)
     or None (no tile shading). title_numbers: the case's numbers (see ``format_title``; ``case`` names
     the case, else the report's ``case``, else the file name). views: ``'slices'`` through
-    ``centre_zyx`` (default: ``choose_centre``), ``'mip'`` maximum-intensity projections (masks:
+    ``centre_zyx`` (default: ``choose_centre``, plus a row through every missed lesion: ``view_rows``),
+    ``'mip'`` maximum-intensity projections (masks:
     any along the ray, all tiles) or ``'mean'`` mean projections. spacing_zyx (mm) sets each view's
     pixel aspect and the views' relative sizes; without it voxels are drawn square. window: display
     range (default: soft-tissue window for HU, else 1st-99th percentile; projections always use the
@@ -171,38 +181,46 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    if views == "slices":
-        if centre_zyx is None:
-            centre, why = choose_centre(gt, pred, shape, spacing)
-        else:
-            centre = tuple(int(np.clip(c, 0, s - 1)) for c, s in zip(centre_zyx, shape))
-            why = "the given centre"
-        subtitle = f"slices through {why}"
-    else:
-        centre = None
-        subtitle = ("maximum" if views == "mip" else "mean") + "-intensity projections"
-    panels = _view_images(image, gt, pred, views, centre)
-    if window is None:
-        window = display_window(image) if views == "slices" else percentile_window(*(p[3] for p in panels))
-
     boxes, scores, selected = _parse_tiles(report, shape)
     has_scores = bool(np.any(~np.isnan(scores)))
     has_selected = bool(selected.any())
     threshold = _num((report or {}).get("threshold"))
     dense = bool((report or {}).get("dense"))
+    # every lesion the prediction missed is outlined in its own colour, and (slices) gets a row of views through it
+    labels, missed = missed_lesions(gt, pred, *((boxes, selected) if len(boxes) else (None, None)), spacing)
+    missed_mask = np.isin(labels, [m.component for m in missed]) if missed else None
+    hidden = 0
+    if views == "slices":
+        if centre_zyx is None:
+            rows, hidden = view_rows(*choose_centre(gt, pred, shape, spacing), labels, missed)
+        else:
+            rows = [ViewRow(tuple(int(np.clip(c, 0, s - 1)) for c, s in zip(centre_zyx, shape)), "the given centre")]
+        subtitle = f"slices through {rows[0].why}"
+    else:
+        rows = [None]
+        subtitle = ("maximum" if views == "mip" else "mean") + "-intensity projections"
+    if hidden:
+        subtitle += f"; {hidden} more missed lesion(s) not shown"
+    row_panels = [_view_images(image, gt, pred, views, None if row is None else row.centre_zyx,
+                               missed_mask) for row in rows]
+    panels = row_panels[0]
+    if window is None:
+        window = display_window(image) if views == "slices" else percentile_window(*(p[3] for p in panels))
 
-    # geometry: one row, one mm scale for all panels, top-aligned
+    # geometry: rows of three views, one mm scale for all panels, top-aligned
     extents = []  # (height_mm, width_mm, row spacing, column spacing)
     for _, axis, *_ in panels:
         r, c = [d for d in range(3) if d != axis]
         extents.append((shape[r] * spacing[r], shape[c] * spacing[c], spacing[r], spacing[c]))
-    scale = min(_PANEL_HEIGHT_MAX / max(e[0] for e in extents), _PANELS_WIDTH_MAX / sum(e[1] for e in extents))
+    row_height_max = min(_PANEL_HEIGHT_MAX, max(_ROW_HEIGHT_MIN, _ROWS_HEIGHT_MAX / len(rows)))
+    scale = min(row_height_max / max(e[0] for e in extents), _PANELS_WIDTH_MAX / sum(e[1] for e in extents))
     widths = [e[1] * scale for e in extents]
     heights = [e[0] * scale for e in extents]
     slots = [max(w, _MIN_SLOT) for w in widths]
     panels_width = sum(slots) + _GAP * (len(slots) - 1)
     fig_w = max(_MIN_FIG_WIDTH, panels_width + 2 * _SIDE)
-    fig_h = _TOP + max(heights) + _BOTTOM
+    row_h = max(heights)
+    fig_h = _TOP + len(rows) * row_h + (len(rows) - 1) * _ROW_CAPTION + _BOTTOM
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
 
@@ -210,29 +228,35 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
     # shaded by logit: a trained Glance is confident, and on the probability scale every tile near a lesion
     # looks the same (p = 0.99999 vs 0.9999998) while the threshold sits among them
     norm = Normalize(-LOGIT_RANGE, LOGIT_RANGE)
-    left = (fig_w - panels_width) / 2
-    for (name, axis, index, img2d, gt2d, pred2d), w, slot, h, (_, _, sp_r, sp_c) in zip(
-            panels, widths, slots, heights, extents):
-        ax = fig.add_axes([(left + (slot - w) / 2) / fig_w, (fig_h - _TOP - h) / fig_h, w / fig_w, h / fig_h])
-        left += slot + _GAP
-        origin = "upper" if axis == 0 else "lower"  # z up in coronal / sagittal
-        aspect = sp_r / sp_c
-        ax.imshow(img2d, cmap="gray", vmin=window[0], vmax=window[1], interpolation="antialiased", origin=origin,
-                  aspect=aspect, zorder=0)
-        score2d, union = tile_maps(boxes, scores, selected, shape, axis, index)
-        if has_scores:
-            ax.imshow(np.ma.masked_invalid(_clip_logit(score2d)), cmap=score_cmap, norm=norm, interpolation="nearest",
-                      origin=origin, aspect=aspect, zorder=1)
-        _edge_outline(ax, union, SELECTED_COLOUR, SELECTED_WIDTH, zorder=2)
-        for m, colour, z in ((gt2d, GT_COLOUR, 4), (pred2d, PRED_COLOUR, 3)):
-            if m is not None:
-                _outline(ax, m, colour, CONTOUR_WIDTH, zorder=z)
-        ax.set_xlim(-0.5, img2d.shape[1] - 0.5)
-        ax.set_ylim(*((img2d.shape[0] - 0.5, -0.5) if origin == "upper" else (-0.5, img2d.shape[0] - 0.5)))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        where = "projection" if index is None else f"{AXIS_NAMES[axis]} = {index}"
-        ax.set_title(f"{name}  ({where})", fontsize=9, pad=3)
+    for row_index, (row, panels) in enumerate(zip(rows, row_panels)):
+        top = _TOP + row_index * (row_h + _ROW_CAPTION)  # inches from the figure's top to this row's panels
+        if row_index:
+            fig.text(0.5, 1 - (top - 0.2) / fig_h, row.why, ha="center", va="bottom", fontsize=8.5,
+                     color=MISSED_COLOUR if row.missed else "0.3")
+        left = (fig_w - panels_width) / 2
+        for (name, axis, index, img2d, gt2d, pred2d, missed2d), w, slot, h, (_, _, sp_r, sp_c) in zip(
+                panels, widths, slots, heights, extents):
+            ax = fig.add_axes([(left + (slot - w) / 2) / fig_w, (fig_h - top - h) / fig_h, w / fig_w, h / fig_h])
+            left += slot + _GAP
+            origin = "upper" if axis == 0 else "lower"  # z up in coronal / sagittal
+            aspect = sp_r / sp_c
+            ax.imshow(img2d, cmap="gray", vmin=window[0], vmax=window[1], interpolation="antialiased",
+                      origin=origin, aspect=aspect, zorder=0)
+            score2d, union = tile_maps(boxes, scores, selected, shape, axis, index)
+            if has_scores:
+                ax.imshow(np.ma.masked_invalid(_clip_logit(score2d)), cmap=score_cmap, norm=norm,
+                          interpolation="nearest", origin=origin, aspect=aspect, zorder=1)
+            _edge_outline(ax, union, SELECTED_COLOUR, SELECTED_WIDTH, zorder=2)
+            for m, colour, z, width in ((gt2d, GT_COLOUR, 4, CONTOUR_WIDTH), (pred2d, PRED_COLOUR, 3, CONTOUR_WIDTH),
+                                        (missed2d, MISSED_COLOUR, 5, MISSED_WIDTH)):
+                if m is not None:
+                    _outline(ax, m, colour, width, zorder=z)
+            ax.set_xlim(-0.5, img2d.shape[1] - 0.5)
+            ax.set_ylim(*((img2d.shape[0] - 0.5, -0.5) if origin == "upper" else (-0.5, img2d.shape[0] - 0.5)))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            where = "projection" if index is None else f"{AXIS_NAMES[axis]} = {index}"
+            ax.set_title(f"{name}  ({where})", fontsize=9, pad=3)
 
     # title
     case = (title_numbers or {}).get("case") or (report or {}).get("case") \
@@ -251,6 +275,10 @@ def render_case_figure(image: np.ndarray, gt: Optional[np.ndarray], pred: Option
     if pred is not None:
         handles.append(Line2D([], [], color=PRED_COLOUR, lw=2.2,
                               label="prediction" + ("" if pred.any() else " (empty)")))
+    if missed:
+        stages = sorted({m.missed_by for m in missed})
+        handles.append(Line2D([], [], color=MISSED_COLOUR, lw=2.2,
+                              label=f"missed lesion ({', '.join(stages)})"))
     if has_selected:
         handles.append(Line2D([], [], color=SELECTED_COLOUR, lw=2.2,
                               label="selected tiles" + (" (dense: all)" if dense else "")))
