@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_gfscreen.evaluation.gate import (cases_from_reports, central_labels, gate_figures,
+from nnunetv2_gfscreen.evaluation.gate import (cases_from_reports, central_labels, decision_summary, gate_figures,
                                               gate_figures_from_folders, random_gate_coverage, tile_auc)
 
 
@@ -75,3 +75,26 @@ def test_from_folders_reads_reports_and_labels(tmp_path):
     assert figures["selection_ratio"] == 0.5 and figures["lesion_coverage"] == 1.0 and figures["cases"] == 1
     with pytest.raises(FileNotFoundError):
         gate_figures_from_folders(tmp_path / "labels", tmp_path / "labels")
+
+
+def _block(fallback, floor, grown, by_fallback=0, calibrated=True):
+    return {"rule": {"threshold": 1.0}, "calibrated": calibrated, "tiles_by_floor": floor, "fallback": fallback,
+            "tiles_by_fallback": by_fallback, "tiles_grown": grown, "median_logit": -3.0}
+
+
+def test_decision_summary_counts_fallbacks_and_added_tiles():
+    reports = [{"case": "a", "gate": _block(False, 2, 1)}, {"case": "b", "gate": _block(True, 0, 3, by_fallback=7)},
+               {"case": "c", "gate": _block(False, 1, 0, calibrated=False)}, {"case": "d"}]  # d: no gate block
+    assert decision_summary(reports) == {"cases": 3, "fallback_cases": 1, "fallback_rate": 1 / 3, "tiles_by_floor": 3,
+                                         "tiles_by_fallback": 7, "tiles_grown": 4, "uncalibrated_cases": 1}
+    assert decision_summary([{"case": "d"}])["fallback_rate"] is None
+
+
+def test_from_folders_adds_the_decisions(tmp_path):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "labels").mkdir()
+    report = {**_report("a", BOXES, [0.1, 0.2, 0.3, 0.9], [False, False, True, True]), "gate": _block(True, 1, 1)}
+    (tmp_path / "reports" / "a.json").write_text(json.dumps(report))
+    sitk.WriteImage(sitk.GetImageFromArray(_gt()), str(tmp_path / "labels" / "a.nii.gz"))
+    decisions = gate_figures_from_folders(tmp_path / "reports", tmp_path / "labels")["decisions"]
+    assert (decisions["cases"], decisions["fallback_cases"], decisions["tiles_by_floor"]) == (1, 1, 1)

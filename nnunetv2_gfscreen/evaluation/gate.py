@@ -144,9 +144,23 @@ def gate_figures(cases: Sequence[GateCase], target: float = 0.98, random_repeats
     }
 
 
+def decision_summary(reports: Sequence[CaseReport]) -> dict:
+    """What the gate's case-level parts did over a set of reports (their `gate` blocks, `CaseReport`): how many
+    cases fell back (outside the calibration envelope), and the tiles the floor, the fallback and border growth
+    added beyond the threshold's. Reports without a gate block (dense, or another tool's) are not counted."""
+    blocks = [r["gate"] for r in reports if isinstance(r.get("gate"), dict)]
+    n = len(blocks)
+    total = lambda key: int(sum(int(b.get(key) or 0) for b in blocks))  # noqa: E731
+    fallback = sum(bool(b.get("fallback")) for b in blocks)
+    return {"cases": n, "fallback_cases": fallback, "fallback_rate": fallback / n if n else None,
+            "tiles_by_floor": total("tiles_by_floor"), "tiles_by_fallback": total("tiles_by_fallback"),
+            "tiles_grown": total("tiles_grown"), "uncalibrated_cases": sum(not b.get("calibrated") for b in blocks)}
+
+
 def gate_figures_from_folders(report_dir: Path, labels_dir: Path, file_ending: str = ".nii.gz",
                               **kwargs) -> dict:
-    """`gate_figures` for every report in `report_dir` with its ground truth `<labels_dir>/<case><file_ending>`."""
+    """`gate_figures` for every report in `report_dir` with its ground truth `<labels_dir>/<case><file_ending>`,
+    and the reports' `decision_summary` under 'decisions'."""
     import SimpleITK as sitk
     from nnunetv2_gfscreen.evaluation.reports import load_report
 
@@ -163,4 +177,5 @@ def gate_figures_from_folders(report_dir: Path, labels_dir: Path, file_ending: s
         volumes.append(float(np.prod(image.GetSpacing())))
     if not reports:
         raise FileNotFoundError(f"no case report with scored tiles in {report_dir}")
-    return gate_figures(cases_from_reports(reports, labels, volumes), **kwargs)
+    return {**gate_figures(cases_from_reports(reports, labels, volumes), **kwargs),
+            "decisions": decision_summary(reports)}
