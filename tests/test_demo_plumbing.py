@@ -146,3 +146,142 @@ def test_results_markdown_holds_table_machine_and_step_times():
     assert "- note one" in md and "Machine: 2-core box" in md
     assert "| train | 61 |" in md and "| predict | 3 |" in md
     assert json.loads(md.split("```json\n")[1].split("```")[0]) == {"k": 1}
+
+
+# ---------------------------------------------------------------------- screening figures (demo, benchmark)
+def _bins(pairs):
+    from nnunetv2_gfscreen.core.lesions import SIZE_BIN_KEYS, SIZE_BINS
+    return [{"bin": b, "key": k, **p} for b, k, p in zip(SIZE_BINS, SIZE_BIN_KEYS, pairs)]
+
+
+def _runs(n_cases, dense_found, gated_found, dsc, fp, tiles, selected, covered_bins, random_bins, decisions):
+    """Runner.predict_and_evaluate-shaped runs; *_found and covered_bins are per size bin (lesions, count)."""
+    def agg(found, dsc_mean, n_fp):
+        return {"n_cases": n_cases, "n_lesions": sum(m for m, _ in found), "n_found": sum(k for _, k in found),
+                "dsc_mean": dsc_mean, "n_fp_components": n_fp,
+                "size_bins": _bins([{"lesions": m, "found": k} for m, k in found])}
+    lesions = sum(m for m, _ in covered_bins)
+    gate = {"tiles": tiles, "tiles_selected": selected, "lesions": lesions,
+            "lesions_covered": sum(k for _, k in covered_bins),
+            "random_lesion_coverage": sum(m * r for (m, _), r in zip(covered_bins, random_bins)) / lesions,
+            "size_bins": _bins([{"lesions": m, "covered": k, "random_coverage": r if m else None}
+                                for (m, k), r in zip(covered_bins, random_bins)]),
+            "decisions": decisions}
+    return {"dense": agg(dense_found, dsc[0], fp[0]), "gated": {**agg(gated_found, dsc[1], fp[1]), "gate": gate}}
+
+
+def _decisions(cases, fallback, floor, grown):
+    return {"cases": cases, "fallback_cases": fallback, "tiles_by_floor": floor, "tiles_by_fallback": 0,
+            "tiles_grown": grown}
+
+
+def test_screening_figures_pool_counts_and_judge_the_targets_by_hand():
+    from gfscreen_lab.experiments.screening import check_targets, pool_counts, rates, set_counts, sets_table, size_table
+    a = set_counts(_runs(4, [(6, 6), (3, 3), (1, 1)], [(6, 5), (3, 3), (1, 1)], (0.8, 0.79), (2, 1), 100, 10,
+                         [(6, 5), (3, 3), (1, 1)], [0.2, 0.5, 0.4], _decisions(4, 1, 3, 2)))
+    b = set_counts(_runs(5, [(1, 1), (2, 2), (1, 1)], [(1, 1), (2, 2), (1, 1)], (0.6, 0.6), (0, 0), 50, 5,
+                         [(1, 1), (2, 2), (1, 1)], [0.0, 0.5, 1.0], _decisions(5, 0, 0, 1)))
+    ra = rates(a)
+    assert (ra["dense_sensitivity"], ra["gated_sensitivity"], ra["selection_ratio"]) == (1.0, 0.9, 0.1)
+    assert ra["random_lesion_coverage"] == pytest.approx((6 * 0.2 + 3 * 0.5 + 0.4) / 10)
+    assert ra["size_bins"][0]["gated_sensitivity"] == pytest.approx(5 / 6) and ra["fallback_rate"] == 0.25
+    t = check_targets(ra, shifted=False)
+    assert [v["met"] for v in t.values()] == [True, False, False, True, True]  # DSC 79 vs 80 - 1: met, exactly
+    assert t["selection ratio <= 15%"]["value"] == "10.0%"
+    pooled = rates(pool_counts([a, b]))
+    assert (pooled["cases"], pooled["lesions"]) == (9, 14)
+    assert pooled["gated_sensitivity"] == pytest.approx(13 / 14) and pooled["selection_ratio"] == pytest.approx(0.1)
+    assert pooled["dense_dsc"] == pytest.approx((4 * 0.8 + 5 * 0.6) / 9) and pooled["gated_fp_per_case"] == 1 / 9
+    assert [b_["lesions"] for b_ in pooled["size_bins"]] == [7, 5, 2]
+    assert pooled["size_bins"][1]["random_lesion_coverage"] == pytest.approx(0.5)
+    assert (pooled["fallback_cases"], pooled["tiles_by_floor"], pooled["tiles_grown"]) == (1, 3, 3)
+    # only the < 500 mm3 bin holds >= 5 lesions: 6/7 gated against 7/7 dense is more than 2 points
+    assert check_targets(pooled, shifted=False)["... and in every size bin with >= 5 lesions"]["met"] is False
+    shifted = check_targets(ra, shifted=True)
+    assert [v["met"] for v in shifted.values()] == [False]   # 90 vs 100: more than 5 points
+    assert check_targets(rates(b), shifted=True)["shifted: gated lesion-level sensitivity >= dense - 5 points"]["met"]
+    table = sets_table([("A", ra)]).splitlines()
+    assert table[2] == "| A | 4 | 10 | 100.0 | 90.0 | 80.0 | 79.0 | 0.50 | 0.25 | 10.0 | 90.0 | 31.0 | 1 | 3 | 2 |"
+    sizes = size_table([("A", ra)]).splitlines()
+    assert sizes[2] == "| A | <500 mm3 | 6 | 100.0 | 83.3 | 83.3 | 20.0 |" and len(sizes) == 5
+
+
+def test_calibration_summary_states_what_is_certified_or_why_not():
+    from gfscreen_lab.experiments.screening import calibration_lines, calibration_summary
+    cert = {"threshold": 2.5, "target": 0.98, "confidence": 0.95, "cases_with_lesions": 3, "lesions": 5,
+            "lesions_covered": 5, "lesion_sensitivity": 1.0, "expected_sensitivity_certified": 0.75,
+            "lesion_sensitivity_lower_bound": 0.549, "target_certifiable": False, "cases_needed_for_target": 49,
+            "size_bins": _bins([{"lesions": 2, "covered": 2}, {"lesions": 3, "covered": 3}, {"lesions": 0, "covered": 0}])}
+    record = {"version": 2, "calibrated": True, "source": "fold 0 validation", "n_cases": 4,
+              "rule": {"threshold": 2.5, "floor": 0.02, "envelope": [-9.0, -1.0]},
+              "fit": {"method": "not certifiable with these cases: every calibration lesion covered"},
+              "certified": cert, "certified_threshold_only": {**cert, "lesions_covered": 4},
+              "note": "not certifiable", "loco": {"selection_ratio": 0.05, "lesion_sensitivity": 0.8, "lesions": 5,
+                                                  "lesions_covered": 4, "n_outside_envelope": 1}}
+    summary = calibration_summary(record)
+    assert summary["certified"]["expected_sensitivity_certified"] == 0.75 and summary["loco"]["lesions_covered"] == 4
+    text = "\n".join(calibration_lines(summary))
+    assert "75.0%" in text and "54.9%" in text and "needs at least 49" in text
+    assert "4/5 calibration lesions covered" in text and "lesion-level coverage 80.0% (4/5)" in text
+    assert "1 case(s) outside the envelope" in text and "Calibration note: not certifiable." in text
+    assert "UNCALIBRATED" in calibration_lines(calibration_summary({"version": 2, "calibrated": False,
+                                                                     "reason": "no lesion"}))[0]
+    assert "older format" in calibration_lines(calibration_summary({"threshold": 0.3, "loco": {}}))[0]
+    assert "no calibration" in calibration_lines(calibration_summary({}))[0]
+
+
+def _benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("learning_check", REPO / "benchmarks" / "learning_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_test_sets_are_held_out_and_models_are_named_by_their_folder(tmp_path):
+    lc = _benchmark()
+    unshifted = [ts for ts in lc.TEST_SETS if ts.shift is None]
+    assert len({ts.seed for ts in unshifted}) >= 3 and any(ts.shift for ts in lc.TEST_SETS)
+    assert all(ts.first_case >= lc.SETTINGS.num_train for ts in lc.TEST_SETS)   # never a training case
+    demo = next(ts for ts in lc.TEST_SETS if ts.key == "seed1_demo")
+    assert (demo.seed, demo.first_case, demo.num_cases, demo.shape) == (FULL.seed, FULL.num_train, FULL.num_test,
+                                                                        FULL.shape)
+    assert len({ts.dataset_id for ts in lc.TEST_SETS} | {lc.SETTINGS.dataset_id}) == len(lc.TEST_SETS) + 1
+    model = tmp_path / "GFScreenTrainer_DemoLong__nnUNetPlans__3d_fullres_gfscreen"
+    with pytest.raises(SystemExit, match="fold_0"):
+        lc.model_trainer(model)
+    (model / "fold_0").mkdir(parents=True)
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (model / "plans.json").write_text("{}")
+    assert lc.model_trainer(model) == "GFScreenTrainer_DemoLong"
+    with pytest.raises(SystemExit, match="<trainer>__nnUNetPlans__3d_fullres_gfscreen"):
+        lc.model_trainer(tmp_path / "GFScreenTrainer__nnUNetPlans__3d_fullres")
+    assert [ts.key for ts in lc.select_sets(["shifted"])] == ["shifted"]
+    with pytest.raises(SystemExit, match="seed9"):
+        lc.select_sets(["seed9"])
+
+
+def test_runner_writes_a_boosted_test_set_and_refuses_another_boost(tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from gfscreen_lab.experiments.runner import Runner, TestSet
+    from gfscreen_lab.synthetic.dataset import generate_case
+    settings = dataclasses.replace(QUICK, lesion_boost_hu=100.0, healthy_fraction=0.0)
+    ts = TestSet("tiny", 951, 4, 6, 2, (16, 48, 48), shift="other_site")
+    r = Runner(tmp_path, settings)
+    raw = r.make_test_set(ts)
+    assert raw.name == "Dataset951_GFScreenTest_tiny" and (raw / "lesions_boosted_100HU").is_file()
+    read = lambda i: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTs" / f"GFS_000{i}_0000.nii.gz")))
+    for i in (6, 7):
+        image, label, _, _ = generate_case(4, i, ts.shape, healthy=False, shift="other_site")
+        expected = np.clip(image.astype(np.int32) + 100 * (label > 0), -1024, 3071)
+        assert label.any() and np.array_equal(read(i), expected)
+    assert r.make_test_set(ts) == raw   # a rerun skips and does not boost twice
+    assert np.array_equal(read(7), expected)
+    with pytest.raises(SystemExit, match="another amount"):
+        Runner(tmp_path, dataclasses.replace(settings, lesion_boost_hu=150.0)).make_test_set(ts)
+    with pytest.raises(SystemExit, match="different test set"):
+        Runner(tmp_path, settings).make_test_set(dataclasses.replace(ts, seed=5))

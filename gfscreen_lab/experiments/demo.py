@@ -6,9 +6,10 @@ either the small model that ships in the repository (trained by `benchmarks/lear
 gfscreen_lab/demo_model/MODEL.md) or, with `--train`, nnU-Net plan and preprocess, a GF-Screen
 configuration shrunk for CPU speed and training from scratch (the trainer calibrates the gate on its
 validation cases) -> predict the test cases dense and gated -> evaluate both, with a picture per case
--> one comparison table plus the gate's lesion coverage next to a random gate's. Every step runs the
-user-facing command line in a child process, with its output streamed, so what the demo prints is
-what a user would see.
+(views through every lesion the gate or the Focus missed) -> one comparison table, the gate's lesion
+coverage next to a random gate's, the same per lesion-size bin, the calibration's certified level and the
+targets of a gate that loses no lesion. Every step runs the user-facing command line in a child process,
+with its output streamed, so what the demo prints is what a user would see.
 
 Re-running skips the dataset, preprocessing and training when they are complete (training resumes
 from `checkpoint_latest.pth` when interrupted); prediction and evaluation always run again, so
@@ -23,6 +24,8 @@ from pathlib import Path
 from nnunetv2_gfscreen.evaluation.tables import format_comparison_table
 from gfscreen_lab.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, QUICK, DemoSettings,
                                              Runner, machine_description)
+from gfscreen_lab.experiments.screening import (calibration_lines, calibration_summary, check_targets, rates,
+                                               set_counts, size_table, verdict)
 
 
 def gate_table(gate: dict) -> str:
@@ -62,22 +65,28 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: boo
     gate = runs["gated"]["gate"]
     table += "\nThe gate on the test tiles (coverage: a lesion counts when >= 90% of its voxels lie in selected " \
              "tiles):\n\n" + gate_table(gate)
+    figures = rates(set_counts(runs))
+    table += "\nPer lesion-size bin (ground-truth lesion volume):\n\n" + size_table([(f"seed {settings.seed}", figures)])
+    calibration = calibration_summary(r.calibration_record(settings.trainer))
+    targets = check_targets(figures, shifted=False)
     origin = "trained on the CPU here" if train else \
         f"the shipped model ({DEMO_MODEL_DIR / 'MODEL.md'} says how it was trained)"
     notes = [f"{settings.num_test} synthetic test cases of {list(settings.shape)} voxels (seed {settings.seed}), "
              f"lesions raised by {settings.lesion_boost_hu:g} HU (conspicuous: a CPU cannot train long enough for "
              f"realistic ones); model {settings.trainer}, fold 0, {origin}.",
              f"Gate threshold calibrated at the end of training on the fold's validation cases to lesion-level "
-             f"sensitivity {settings.target_sensitivity}.",
+             f"sensitivity {settings.target_sensitivity}.", *calibration_lines(calibration),
+             *(f"Target {name}: {verdict(t['met'])} ({t['value']})" for name, t in targets.items()),
              "The comparison table's selection ratio is the mean of the cases' ratios; the gate table pools all tiles.",
              "Seconds per case: read, preprocess, sliding window, export and write of one case, cases predicted "
              "one after another (-npp 0 -nps 0), measured by the predictor on this machine.",
              f"Per-case pictures (three views, tiles shaded by Glance score, selected tiles outlined, ground truth "
-             f"and prediction outlined): {r.root / 'predictions' / 'gated' / 'figures'}/; JSON reports: "
+             f"and prediction outlined; a further row through every lesion the gate or the Focus missed, outlined "
+             f"in red): {r.root / 'predictions' / 'gated' / 'figures'}/; JSON reports: "
              f"{r.root / 'predictions'}/{{dense,gated}}/reports/."]
     machine = machine_description()
     result = {"settings": asdict(settings), "device": device, "machine": machine, "step_seconds": r.step_seconds,
-              "runs": runs, "table_markdown": table}
+              "runs": runs, "rates": figures, "targets": targets, "calibration": calibration, "table_markdown": table}
     r.write_results("results", "GF-Screen demo results", "GF-Screen vs dense nnU-Net inference on the held-out "
                     "synthetic cases (all numbers measured just now):\n\n", result, table, asdict(settings), notes)
     return result

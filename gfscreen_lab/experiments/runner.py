@@ -75,6 +75,27 @@ QUICK = DemoSettings(dataset_id=902, num_train=6, num_test=3, shape=(32, 96, 96)
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """A held-out set of synthetic cases to predict: test cases `first_case` .. `first_case + num_cases - 1` of
+    `seed` (the cases a dataset with `first_case` training cases holds as test cases), optionally imaged as
+    another site's scanner would (`shift`, gfscreen_lab/synthetic/dataset.py SHIFTS). Written as a test-only raw
+    dataset `Dataset<dataset_id>_GFScreenTest_<key>`; its lesions are raised by the experiment's lesion_boost_hu
+    like the training cases'."""
+    key: str
+    dataset_id: int
+    seed: int
+    first_case: int
+    num_cases: int
+    shape: Tuple[int, int, int]
+    shift: Optional[str] = None
+    description: str = ""
+
+    @property
+    def dataset_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_GFScreenTest_{self.key}"
+
+
 # ---------------------------------------------------------------------- pure helpers
 
 
@@ -169,6 +190,28 @@ class Runner:
             raise SystemExit(f"{name} failed with exit code {code}; its output is above and in {self.log_file}")
 
     # ------------------------------------------------------------------ the steps
+    def make_test_set(self, test_set: TestSet) -> Path:
+        """Write `test_set` (skipped when it exists with these settings) and raise its lesions by the experiment's
+        lesion_boost_hu; returns its raw folder (imagesTs, labelsTs)."""
+        ts = test_set
+        raw = self.root / "nnUNet_raw" / ts.dataset_name
+        expected = {"seed": ts.seed, "shape_zyx": list(ts.shape), "shift": ts.shift, "test_only": True,
+                    "first_test_case": ts.first_case}
+        if (raw / "dataset.json").is_file():
+            stored = json.loads((raw / "dataset.json").read_text()).get("gfscreen_synthetic", {})
+            if {k: stored.get(k) for k in expected} != expected or \
+                    len(list((raw / "imagesTs").glob("*.nii.gz"))) != ts.num_cases:
+                raise SystemExit(f"{raw} holds a different test set; delete it to start again")
+            self.say(f"[skip] test set {raw} exists")
+        else:
+            self.run("nnUNetv2_gfscreen_make_dataset",
+                     ["-d", ts.dataset_id, "--name", f"GFScreenTest_{ts.key}", "--test_only", "-ntr", ts.first_case,
+                      "-nts", ts.num_cases, "--shape", *ts.shape, "--seed", ts.seed,
+                      "--healthy_fraction", self.settings.healthy_fraction, "-np", 2,
+                      *(["--shift", ts.shift] if ts.shift else [])], "test sets")
+        self.boost_lesions(raw)
+        return raw
+
     def make_dataset(self) -> None:
         s = self.settings
         if (self.raw / "dataset.json").is_file():
@@ -182,19 +225,25 @@ class Runner:
                  ["-d", s.dataset_id, "-ntr", s.num_train, "-nts", s.num_test, "--shape", *s.shape,
                   "--seed", s.seed, "--healthy_fraction", s.healthy_fraction, "-np", 2], "dataset")
 
-    def boost_lesions(self) -> int:
-        """Add `lesion_boost_hu` inside the label of every raw image (imagesTr and imagesTs); returns how many
-        changed. A marker file makes this idempotent, so a rerun on the same folder does not boost twice."""
+    def boost_lesions(self, raw: Optional[Path] = None) -> int:
+        """Add `lesion_boost_hu` inside the label of every raw image (imagesTr and imagesTs) of `raw` (default: the
+        experiment's dataset); returns how many changed. A marker file makes this idempotent, so a rerun on the
+        same folder does not boost twice; a folder boosted by another amount is refused."""
+        raw = self.raw if raw is None else Path(raw)
         boost = self.settings.lesion_boost_hu
-        marker = self.raw / f"lesions_boosted_{boost:g}HU"
+        marker = raw / f"lesions_boosted_{boost:g}HU"
+        others = [m.name for m in raw.glob("lesions_boosted_*HU") if m != marker]
+        if others:
+            raise SystemExit(f"{raw} was boosted by another amount ({others[0]}), not {boost:g} HU; delete it to "
+                             f"start again")
         if boost == 0 or marker.is_file():
             return 0
         import numpy as np
         import SimpleITK as sitk
         changed = 0
         for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
-            for img_path in sorted((self.raw / images).glob("*_0000.nii.gz")):
-                lab_path = self.raw / labels / img_path.name.replace("_0000.nii.gz", ".nii.gz")
+            for img_path in sorted((raw / images).glob("*_0000.nii.gz")):
+                lab_path = raw / labels / img_path.name.replace("_0000.nii.gz", ".nii.gz")
                 img = sitk.ReadImage(str(img_path))
                 arr = sitk.GetArrayFromImage(img).astype(np.float32)
                 lab = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_path)))
@@ -206,7 +255,8 @@ class Runner:
                 sitk.WriteImage(out, str(img_path))
                 changed += 1
         marker.write_text("lesion voxels of these images were raised by this many HU\n")
-        self.say(f"[boost] raised the lesion voxels of {changed} images by {boost:g} HU (conspicuous lesions)")
+        self.say(f"[boost] raised the lesion voxels of {changed} images in {raw.name} by {boost:g} HU "
+                 f"(conspicuous lesions)")
         return changed
 
     def install_model(self, source: Path, trainer: str) -> None:
@@ -261,34 +311,48 @@ class Runner:
                  # cannot take 0, so this is set for training only)
                  extra_env={"nnUNet_n_proc_DA": "0"} if self.device == "cpu" else None)
 
-    def predict(self, trainer: str, out: Path, dense: bool) -> Path:
-        """Predict imagesTs into `out`; returns the report folder."""
+    def predict(self, trainer: str, out: Path, dense: bool, raw: Optional[Path] = None) -> Path:
+        """Predict `<raw>/imagesTs` (default: the experiment's dataset) into `out`; returns the report folder."""
+        raw = self.raw if raw is None else Path(raw)
         reports = out / "reports"
         self.run("nnUNetv2_predict_gfscreen",
-                 ["-i", self.raw / "imagesTs", "-o", out, "-d", self.settings.dataset_id, "-c", GFSCREEN_CONFIGURATION,
+                 ["-i", raw / "imagesTs", "-o", out, "-d", self.settings.dataset_id, "-c", GFSCREEN_CONFIGURATION,
                   "-tr", trainer, "-f", 0, "-device", self.device, "--disable_progress_bar", "-npp", 0, "-nps", 0,
                   "--report_dir", reports, "--png", *(["--dense"] if dense else [])],
                  f"predict {out.name}")
         return reports
 
-    def evaluate(self, pred: Path, reports: Path, png: bool = False) -> dict:
+    def evaluate(self, pred: Path, reports: Path, png: bool = False, raw: Optional[Path] = None) -> dict:
+        raw = self.raw if raw is None else Path(raw)
         summary = pred / "gfscreen_summary.json"
-        pictures = ["--png", "-img", self.raw / "imagesTs", "--png_dir", pred / "figures"] if png else []
-        self.run("nnUNetv2_gfscreen_evaluate", ["-pred", pred, "-gt", self.raw / "labelsTs", "-reports", reports,
+        pictures = ["--png", "-img", raw / "imagesTs", "--png_dir", pred / "figures"] if png else []
+        self.run("nnUNetv2_gfscreen_evaluate", ["-pred", pred, "-gt", raw / "labelsTs", "-reports", reports,
                                                 "-o", summary, "--md", pred / "gfscreen_summary.md", "-np", 2,
                                                 *pictures], f"evaluate {pred.name}")
         return json.loads(summary.read_text())
 
-    def predict_and_evaluate(self, trainer: str) -> Dict[str, dict]:
-        """Dense and gated prediction of imagesTs, evaluated (pictures for the gated run), plus the gate's
-        figures on the test tiles (`evaluation/gate.py`) under runs['gated']['gate']."""
+    def predict_and_evaluate(self, trainer: str, raw: Optional[Path] = None, out: Optional[Path] = None
+                             ) -> Dict[str, dict]:
+        """Dense and gated prediction of `<raw>/imagesTs` (default: the experiment's dataset) into
+        `<out>/{dense,gated}` (default: <root>/predictions), evaluated (pictures for the gated run), plus the
+        gate's figures on the test tiles and the reports' decisions (`evaluation/gate.py`) under
+        runs['gated']['gate']."""
         from nnunetv2_gfscreen.evaluation.gate import gate_figures_from_folders
+        raw = self.raw if raw is None else Path(raw)
+        out = self.root / "predictions" if out is None else Path(out)
         runs = {}
         for name, dense in (("dense", True), ("gated", False)):
-            pred = self.root / "predictions" / name
-            reports = self.predict(trainer, pred, dense)
-            runs[name] = self.evaluate(pred, reports, png=not dense)["aggregate"]
+            pred = out / name
+            reports = self.predict(trainer, pred, dense, raw)
+            runs[name] = self.evaluate(pred, reports, png=not dense, raw=raw)["aggregate"]
             if not dense:
-                runs[name]["gate"] = gate_figures_from_folders(reports, self.raw / "labelsTs",
+                runs[name]["gate"] = gate_figures_from_folders(reports, raw / "labelsTs",
                                                                target=self.settings.target_sensitivity)
         return runs
+
+    def calibration_record(self, trainer: str) -> dict:
+        """The calibration record in the trained (or installed) fold's checkpoint ({} when it has none)."""
+        import torch
+        checkpoint = torch.load(self.fold_folder(trainer) / "checkpoint_final.pth", map_location="cpu",
+                                weights_only=False)
+        return checkpoint.get("gfscreen_calibration") or {}
