@@ -35,7 +35,7 @@ def test_gate_that_selects_the_lesion_tile_covers_it_and_random_gate_does_a_quar
     report = _report("a", BOXES, [0.1, 0.2, 0.3, 0.9], [False, False, False, True])
     figures = gate_figures(cases_from_reports([report], [_gt()]), random_repeats=400)
     assert figures["tile_auc"] == 1.0 and figures["tile_auc_central"] == 1.0
-    assert figures["selection_ratio"] == 0.25
+    assert figures["selection_ratio"] == 0.25 and (figures["tiles_selected"], figures["lesions_covered"]) == (1, 1)
     assert figures["voxel_coverage"] == 1.0 and figures["lesion_coverage"] == 1.0
     # a random single tile of four holds the lesion one time in four
     assert figures["random_lesion_coverage"] == pytest.approx(0.25, abs=0.07)

@@ -134,6 +134,8 @@ def gate_figures(cases: Sequence[GateCase], target: float = 0.98, random_repeats
         "cases": len(cases), "tiles": n_tiles, "lesions": n_les,
         "tile_auc": tile_auc(np.concatenate(scores), np.concatenate(positive)),
         "tile_auc_central": tile_auc(np.concatenate(scores), np.concatenate(central)),
+        "tiles_selected": sum(a["tiles_selected"] for a in applied),
+        "lesions_covered": sum(a["lesions_covered"] for a in applied),
         "selection_ratio": sum(a["tiles_selected"] for a in applied) / n_tiles if n_tiles else None,
         "voxel_coverage": sum(a["lesion_voxels_covered"] for a in applied) / n_vox if n_vox else None,
         "lesion_coverage": sum(a["lesions_covered"] for a in applied) / n_les if n_les else None,
