@@ -162,9 +162,9 @@ def main() -> None:
     target_lines = [f"{name}: " + "; ".join(f"{label} {verdict(t[name]['met'])} ({t[name]['value']})"
                                              for label, t in targets.items() if name in t)
                     for name in dict.fromkeys(n for t in targets.values() for n in t)]
-    gate_lines = [f"{key}: tile AUC {_auc(per_set[key]['runs'])}; the Glance's scores would need "
-                  f"{_pct(per_set[key]['runs']['gated']['gate']['oracle_selection_for_target'])}% of the tiles to cover "
-                  f"98% of these lesions (threshold picked on the test cases: a bound)" for key in per_set]
+    gate_lines = [f"{key}: tile AUC {_auc(s['runs'])}; the Glance's scores would need "
+                  f"{_pct(s['runs']['gated']['gate']['oracle_selection_for_target'])}% of the tiles to cover 98% of "
+                  f"these lesions (threshold picked on the test cases: a bound)" for key, s in per_set.items()]
     notes = ([f"{ts.key}: {ts.num_cases} cases of {list(ts.shape)} voxels, {ts.description}" for ts in test_sets]
              + [f"Model: {args.model or f'{trainer} trained here (fold 0, seed {settings.seed})'}; lesions of every "
                 f"set raised by {settings.lesion_boost_hu:g} HU."]

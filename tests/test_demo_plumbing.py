@@ -211,7 +211,8 @@ def test_calibration_summary_states_what_is_certified_or_why_not():
     cert = {"threshold": 2.5, "target": 0.98, "confidence": 0.95, "cases_with_lesions": 3, "lesions": 5,
             "lesions_covered": 5, "lesion_sensitivity": 1.0, "expected_sensitivity_certified": 0.75,
             "lesion_sensitivity_lower_bound": 0.549, "target_certifiable": False, "cases_needed_for_target": 49,
-            "size_bins": _bins([{"lesions": 2, "covered": 2}, {"lesions": 3, "covered": 3}, {"lesions": 0, "covered": 0}])}
+            "size_bins": _bins([{"lesions": 2, "covered": 2}, {"lesions": 3, "covered": 3},
+                                {"lesions": 0, "covered": 0}])}
     record = {"version": 2, "calibrated": True, "source": "fold 0 validation", "n_cases": 4,
               "rule": {"threshold": 2.5, "floor": 0.02, "envelope": [-9.0, -1.0]},
               "fit": {"method": "not certifiable with these cases: every calibration lesion covered"},

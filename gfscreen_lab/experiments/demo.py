@@ -66,7 +66,8 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: boo
     table += "\nThe gate on the test tiles (coverage: a lesion counts when >= 90% of its voxels lie in selected " \
              "tiles):\n\n" + gate_table(gate)
     figures = rates(set_counts(runs))
-    table += "\nPer lesion-size bin (ground-truth lesion volume):\n\n" + size_table([(f"seed {settings.seed}", figures)])
+    table += ("\nPer lesion-size bin (ground-truth lesion volume):\n\n"
+              + size_table([(f"seed {settings.seed}", figures)]))
     calibration = calibration_summary(r.calibration_record(settings.trainer))
     targets = check_targets(figures, shifted=False)
     origin = "trained on the CPU here" if train else \

@@ -53,7 +53,8 @@ def pool_counts(counts: Sequence[dict]) -> dict:
     if not counts:
         raise ValueError("need at least one set to pool")
     out = {k: sum(c[k] for c in counts) for k in _SUMMED}
-    out["size_bins"] = [{"bin": bins[0]["bin"], "key": bins[0]["key"], **{k: sum(b[k] for b in bins) for k in _BIN_SUMMED}}
+    out["size_bins"] = [{"bin": bins[0]["bin"], "key": bins[0]["key"],
+                         **{k: sum(b[k] for b in bins) for k in _BIN_SUMMED}}
                         for bins in zip(*(c["size_bins"] for c in counts))]
     return out
 
@@ -149,7 +150,8 @@ def sets_table(rows: Sequence[Tuple[str, dict]]) -> str:
     for label, r in rows:
         lines.append(f"| {label} | {r['cases']} | {r['lesions']} | {_pts(r['dense_sensitivity'])} | "
                      f"{_pts(r['gated_sensitivity'])} | {_pts(r['dense_dsc'])} | {_pts(r['gated_dsc'])} | "
-                     f"{_num(r['dense_fp_per_case'])} | {_num(r['gated_fp_per_case'])} | {_pts(r['selection_ratio'])} | "
+                     f"{_num(r['dense_fp_per_case'])} | {_num(r['gated_fp_per_case'])} | "
+                     f"{_pts(r['selection_ratio'])} | "
                      f"{_pts(r['lesion_coverage'])} | {_pts(r['random_lesion_coverage'])} | {r['fallback_cases']} | "
                      f"{r['tiles_by_floor']} | {r['tiles_grown']} |")
     return "\n".join(lines) + "\n"
