@@ -1,7 +1,7 @@
-"""The GPU check: one run that measures what the README promises for a GPU, on a CT-sized synthetic dataset.
+"""The GPU check: one run that measures what docs/benchmarks.md promises for a GPU, on a CT-sized synthetic dataset.
 
 Run it through benchmarks/gpu_check.sh (which installs carried wheels and a SimpleITK stand-in if needed;
-docs/developers.md says how to prepare a GPU machine). Stages, each timed, within --budget_s seconds:
+docs/benchmarks.md says how to run it on a GPU machine without nnU-Net). Stages, each timed, within --budget_s seconds:
   1. data     synthetic CTs (gfscreen_lab.synthetic anatomy), about 110x512x512 after resampling, written
               as NIfTI through nibabel (dataset.json selects nnU-Net's NibabelIO: no SimpleITK needed)
   2. plan     nnUNetv2_plan_and_preprocess with nnU-Net's default planner (3d_fullres)
