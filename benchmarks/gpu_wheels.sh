@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Downloads into .whl/ (git-ignored) exactly the wheels the GPU check needs on the lent H200 machine, which
-# starts bare with Python 3.12, torch 2.11, timm, scipy, scikit-image, pandas, matplotlib, ... but no nnU-Net
-# and no registry access. benchmarks/gpu_check.sh installs them from .whl/ into /tmp/site when they are there.
+# Downloads into .whl/ (git-ignored) exactly the wheels the GPU check needs on a bare GPU machine that has
+# Python, torch, timm, scipy, scikit-image, pandas, matplotlib, ... but no nnU-Net and no package registry. benchmarks/gpu_check.sh installs them from .whl/ into /tmp/site when they are there.
 # Not carried: SimpleITK (a 52 MB wheel; benchmarks/simpleitk_stub stands in, data goes through NibabelIO),
 # imagecodecs, yacs, graphviz, future, unittest2, pydantic (required by nnU-Net's or blosc2's metadata, but
 # not imported on the check's code paths: the smoke test runs with all of them blocked).

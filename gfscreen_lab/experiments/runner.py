@@ -1,6 +1,7 @@
 """The experiment runner behind the demo, the ablation and the method benchmark: each step runs the user-facing
 command line (nnU-Net's and ours) in a child process with its output streamed, so what an experiment prints
-is what a user would see.
+is what a user would see. Longer than 300 lines because every step of an experiment (data, plans, training,
+test sets, prediction, evaluation) is one method of the one Runner, which holds the environment they share.
 
 Re-running skips the dataset, preprocessing and training when they are complete (training resumes
 from `checkpoint_latest.pth` when interrupted); prediction and evaluation always run again, so

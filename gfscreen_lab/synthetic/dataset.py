@@ -1,5 +1,8 @@
 """Synthetic pan-cancer CT cases and nnU-Net raw datasets of them, for tests and demos without public CT.
 
+Longer than 300 lines because a case, its scanner profiles and the dataset writer share the per-case random
+streams that make every case reproducible on its own.
+
 A case is a CT-like volume in HU (int16, (z, y, x)) of a randomised abdomen phantom
 (synthetic_anatomy) with lesions of several kinds (synthetic_lesions) and a binary label (0
 background, 1 lesion, as FLARE). Everything about case i comes from random streams seeded by

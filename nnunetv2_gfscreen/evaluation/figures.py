@@ -1,5 +1,7 @@
 """One picture per case: what the Glance looked at, what it selected, what the Focus found, and the truth.
 
+Longer than 300 lines because one figure is one concept: views, overlays, legend and colorbar share its geometry.
+
 ``render_case_figure`` draws a CT in three orthogonal views (axial, coronal, sagittal), either the
 slices through the centre of the largest ground-truth lesion (else the largest predicted lesion, else
 the volume centre), plus a further row of slices through every ground-truth lesion the prediction missed

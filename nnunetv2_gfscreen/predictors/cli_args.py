@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='Disable mirroring test-time augmentation (of the selected tiles).')
     p.add_argument('--verbose', action='store_true', help='Print more.')
     p.add_argument('--save_probabilities', action='store_true',
-                   help='Also write class probabilities (.npz/.pkl). Unselected voxels get uniform probabilities. '
+                   help='Also write class probabilities (.npz/.pkl); voxels no selected tile reaches are certain background. '
                         "Exports with nnU-Net's CPU export (whole volume), also when --torch_io is on.")
     p.add_argument('--continue_prediction', '--c', action='store_true',
                    help='Skip cases whose output already exists.')
