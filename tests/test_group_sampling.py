@@ -8,8 +8,9 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-from nnunetv2_gfscreen.trainers.group_sampling import (GroupDataLoader, central_region, centre_crop, shifted_grid,
-                                                       tiles_with_lesion)
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from nnunetv2_gfscreen.trainers.group_sampling import (GroupDataLoader, central_region, centre_crop, holds_lesion,
+                                                       shifted_grid, tiles_with_lesion)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,31 @@ def test_group_slots_are_tiles_of_one_shifted_sliding_window_grid(loader_parts):
             local = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(region, start))
             assert groups["group_lesion"][j].item() == float((target[(slice(None),) + local] > 0).any())
         assert len(offsets) == 1
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_group_source_marks_exactly_the_repeated_crops(loader_parts, mirror):
+    """More lesion slots than lesion tiles repeat crops; `group_source` points each repeat at its first copy
+    (same group, start, mirroring), and no two slots it calls distinct hold the same crop."""
+    ds, lm = loader_parts
+    np.random.seed(3)
+    dl = _loader(ds, lm, group_size=12, lesion_share=0.75, groups_per_batch=2,
+                 group_transforms=MirrorTransform((0, 1, 2)) if mirror else None)
+    repeats = 0
+    for _ in range(3):
+        groups = dl.generate_groups()
+        data, target, source = groups["group_data"], groups["group_target"], groups["group_source"]
+        assert torch.equal(groups["group_lesion_anywhere"], holds_lesion(target, lm.ignore_label))
+        for i in range(len(source)):
+            j = int(source[i])
+            same = torch.equal(data[i], data[j]) and torch.equal(target[i], target[j])
+            assert j <= i and same and groups["group_ids"][i] == groups["group_ids"][j]
+            assert groups["group_starts"][i] == groups["group_starts"][j]
+            if j == i:
+                assert not any(torch.equal(data[i], data[k]) and torch.equal(target[i], target[k])
+                               for k in range(i) if groups["group_ids"][k] == groups["group_ids"][i])
+            repeats += j != i
+    assert repeats > 0
 
 
 def test_grid_shift_central_regions_and_lesion_tiles():

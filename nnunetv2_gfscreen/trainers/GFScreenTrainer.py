@@ -2,7 +2,8 @@
 
 Per step (docs/method.md, sections 3 and 10): nnU-Net's Dice+CE on the Focus for nnU-Net's own batch (its sampling and
 augmentation, unchanged); groups of N grid tiles per CT (`groups_per_step` CTs), which the Focus
-predicts without gradient; a binary detection reward per tile; group-relative advantages; the GRL
+predicts without gradient where a reward can depend on it (tiles holding lesion, each distinct crop once:
+`focus_tiles`); a binary detection reward per tile; group-relative advantages; the GRL
 loss (clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced
 CE) plus the Glance's dense lesion-map loss; L = L_seg + L_GRL + w * L_dense. The Glance that
 trains (the policy) is averaged (EMA) into the network's Glance, which is what validation,
@@ -32,6 +33,7 @@ from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
 from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_loader, group_transforms
+from nnunetv2_gfscreen.trainers.focus_passes import predict_tiles, tiles_to_predict
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
                                                         intensity_augmentation)
@@ -161,16 +163,11 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
         """Predicted lesion mask (B, 1, *patch) from softmax logits (B, K, *patch): argmax is a foreground class."""
         return logits.argmax(1, keepdim=True) > 0
 
-    @torch.no_grad()
-    def _group_predictions(self, group_data: torch.Tensor) -> torch.Tensor:
-        """The Focus's lesion prediction (G*N, 1, *patch) bool for every group sub-volume, without gradient,
-        in chunks of the planned batch size (fp16 on CUDA)."""
-        pred_fg = []
-        with self._autocast():
-            for chunk in torch.split(group_data, max(1, self.batch_size)):
-                out = self.local_network()(chunk)  # no gradient: past the DDP wrapper
-                pred_fg.append(self._foreground(out[0] if isinstance(out, list) else out))
-        return torch.cat(pred_fg)
+    def focus_tiles(self, batch: dict) -> torch.Tensor:
+        """(T,) long, on the host: the group tiles whose Focus prediction the rewards need (focus_passes.py): those
+        holding valid lesion, each distinct crop once. A reward hook that can reward a tile without lesion must
+        override this to return every tile."""
+        return tiles_to_predict(batch, self.label_manager.ignore_label)
 
     # ------------------------------------------------------------------ ablation hooks (variants.py)
     def compute_rewards(self, pred_fg: torch.Tensor, gt_fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -202,8 +199,11 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
             return self.loss(self.network(data), target)
 
     def group_focus_predictions(self, batch: dict, group_data: torch.Tensor) -> torch.Tensor:
-        """The Focus's lesion prediction of every group tile, from which the rewards come."""
-        return self._group_predictions(group_data)
+        """The Focus's lesion prediction of every group tile, from which the rewards come: predicted for the tiles
+        a reward can depend on (`focus_tiles`), empty elsewhere."""
+        with self._autocast():   # fp16 on CUDA; past the DDP wrapper: no gradient, ranks may differ in passes
+            return predict_tiles(self.local_network(), group_data, self._foreground, self.batch_size,
+                                 self.focus_tiles(batch), batch.get("group_source"))
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's Focus step on its own batch (`focus_loss`), plus the GRL step of the Glance on the batch's

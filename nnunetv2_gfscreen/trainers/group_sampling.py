@@ -16,6 +16,11 @@ lesion voxel, which the Glance never sees at inference.) `lesion_share` of the s
 the grid tiles whose *central region* holds lesion (see `central_region`), the rest from all other
 grid tiles, slivers included. Each tile's Glance label (`group_lesion`) is the same central-region
 test; the reward stays the paper's (the Focus's prediction overlaps the lesion anywhere in the tile).
+
+The loader also says, per slot, what the trainer needs to skip Focus passes that cannot change a reward:
+whether the tile holds a lesion voxel anywhere (`group_lesion_anywhere`; a tile without one gets reward 0
+whatever the Focus predicts) and which earlier slot holds the very same crop (`group_source`: a case with
+fewer lesion tiles than lesion slots repeats tiles, and an identical input needs one prediction).
 """
 import itertools
 from typing import List, Optional, Sequence, Tuple
@@ -67,6 +72,17 @@ def central_region(start: Sequence[int], patch_size: Sequence[int], shape: Seque
     return [(int(lo), int(hi)) for lo, hi in central_boxes(box, shape, CENTRAL_MARGIN)[0]]
 
 
+def holds_lesion(segmentation: torch.Tensor, ignore_label: Optional[int]) -> torch.Tensor:
+    """(B,) bool per tile of `segmentation` (B, ...): a voxel labelled lesion (> 0) that is not the ignore label.
+
+    The one test of "this tile's valid ground truth holds lesion" shared by the loader and the trainer: the
+    binary and the Dice reward are 0 on any other tile (core/grl.py), whatever the Focus predicts there."""
+    lesion = segmentation > 0
+    if ignore_label is not None:
+        lesion &= segmentation != ignore_label
+    return lesion.flatten(1).any(1)
+
+
 def lesion_locations(properties: dict) -> np.ndarray:
     """(L, 3) voxel coordinates (z, y, x) of nnU-Net's sampled foreground locations (all labels > 0)."""
     locs = [np.asarray(v)[:, -3:] for k, v in properties['class_locations'].items()
@@ -95,6 +111,9 @@ class GroupDataLoader(nnUNetDataLoader):
         replacement if there are fewer; healthy CTs have none), the others from the remaining tiles;
       - `group_target` (G*N, 1, *final_patch_size) int16, full resolution only (rewards, dense targets);
       - `group_lesion` (G*N,) float32: 1 if the tile's central region holds lesion (the Glance's label);
+      - `group_lesion_anywhere` (G*N,) bool: the tile's target holds a lesion voxel anywhere (`holds_lesion`);
+      - `group_source` (G*N,) long: the first slot of the batch holding the same crop (same CT and start, and
+        equal image and target after the group transforms, i.e. the same mirroring), the slot itself if none;
       - `group_ids` (G*N,) long; `group_keys`, the CT of each group; `group_starts`, each tile's start (z, y, x).
     """
 
@@ -120,6 +139,7 @@ class GroupDataLoader(nnUNetDataLoader):
         self.lesion_share = lesion_share
         self.tile_step_size = tile_step_size
         self.group_transforms = group_transforms
+        self.ignore_label = label_manager.ignore_label
 
     @property
     def n_lesion_slots(self) -> int:
@@ -157,10 +177,12 @@ class GroupDataLoader(nnUNetDataLoader):
         n = self.group_size * len(cases)
         group_data = group_target = None
         group_lesion = torch.zeros(n, dtype=torch.float32)
+        group_source = torch.arange(n)
         group_starts = []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for g, key in enumerate(cases):
                 data, seg, seg_prev, properties = self._data.load_case(key)   # once per group
+                unique_at = {}                                                   # start -> slots of distinct crops
                 if seg_prev is not None:
                     raise NotImplementedError("GroupDataLoader does not support cascaded data")
                 shape = data.shape[1:]
@@ -183,7 +205,14 @@ class GroupDataLoader(nnUNetDataLoader):
                         group_target = torch.empty((n, *segmentation.shape), dtype=segmentation.dtype)
                     group_data[i] = image
                     group_target[i] = segmentation
+                    same = [j for j in unique_at.get(starts[t], [])
+                            if torch.equal(group_data[j], image) and torch.equal(group_target[j], segmentation)]
+                    if same:
+                        group_source[i] = same[0]
+                    else:
+                        unique_at.setdefault(starts[t], []).append(i)
         return {'group_data': group_data, 'group_target': group_target, 'group_lesion': group_lesion,
+                'group_lesion_anywhere': holds_lesion(group_target, self.ignore_label), 'group_source': group_source,
                 'group_keys': list(cases), 'group_ids': torch.arange(n) // self.group_size,
                 'group_starts': group_starts}
 
