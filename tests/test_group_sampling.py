@@ -38,10 +38,11 @@ class _Mark:
         return {"image": image + self.offset, "segmentation": segmentation}
 
 
-def test_groups_come_from_one_ct_each_with_lesion_share(loader_parts):
+@pytest.mark.parametrize("per_lesion", [True, False])
+def test_groups_come_from_one_ct_each_with_lesion_share(loader_parts, per_lesion):
     ds, lm = loader_parts
     np.random.seed(0)
-    dl = _loader(ds, lm)
+    dl = _loader(ds, lm, per_lesion=per_lesion)
     lesion_seen = 0
     for _ in range(4):
         groups = dl.generate_groups()
@@ -83,23 +84,22 @@ def test_group_slots_are_tiles_of_one_shifted_sliding_window_grid(loader_parts):
         data, seg = np.asarray(data), np.asarray(seg)
         shape = data.shape[1:]
         steps = compute_steps_for_sliding_window(tuple(max(s, p) for s, p in zip(shape, patch)), patch, 0.5)
-        offsets = set()
+        offsets = [None, None, None]     # per axis, the offsets every slot so far agrees with
         for j, start in enumerate(groups["group_starts"]):
             bbox = [[s, s + p] for s, p in zip(start, patch)]
             assert np.array_equal(crop_and_pad_nd(data, bbox, 0), groups["group_data"][j].numpy())
             target = crop_and_pad_nd(seg, bbox, -1)
             assert np.array_equal(target, groups["group_target"][j].numpy())   # -1 outside: the trainer's transforms clear it
-            # one offset for the whole grid, at most half a step (the step is half a patch) per axis
-            offset = []
+            # one offset for the whole grid, at most half a step (the step is half a patch) per axis; a start
+            # half a step from two grid points fits two offsets, so the slots must share one of their candidates
             for a in range(3):
-                cands = [start[a] - s for s in steps[a] if abs(start[a] - s) <= patch[a] // 4]
+                cands = {start[a] - s for s in steps[a] if abs(start[a] - s) <= patch[a] // 4}
                 assert cands, f"slot {j} axis {a}: start {start[a]} is not on the grid {steps[a]} +- a quarter patch"
-                offset.append(cands)
-            offsets.add(tuple(c[0] for c in offset))
+                offsets[a] = cands if offsets[a] is None else offsets[a] & cands
             region = central_region(start, patch, shape)
             local = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(region, start))
             assert groups["group_lesion"][j].item() == float((target[(slice(None),) + local] > 0).any())
-        assert len(offsets) == 1
+        assert all(offsets), offsets
 
 
 @pytest.mark.parametrize("mirror", [False, True])

@@ -18,6 +18,7 @@ class GFScreenSettings:
     group_size: int = 16  # N sub-volumes per CT; the paper found N=4 much worse than 16
     groups_per_step: int = 2  # CTs (groups) per training step: one CT's tiles give strongly correlated gradients
     lesion_share: float = 0.33  # share of each group drawn from the grid tiles that hold lesion
+    lesion_slots_per_lesion: int = 1  # 1: a lesion slot draws a lesion, then its tile; 0: a lesion tile (voxel-led)
     tile_step_size: float = 0.5  # groups are cut on the predictor's sliding-window grid with this step
     alpha: float = 0.1  # weight of the class-balanced CE term
     beta: float = 0.01  # weight of the KL(pi || pi_ref) term
@@ -43,6 +44,7 @@ class GFScreenSettings:
             "groups_per_step": self.groups_per_step >= 1,
             "tile_step_size": 0 < self.tile_step_size <= 1,
             "lesion_share": 0.0 <= self.lesion_share <= 1.0,
+            "lesion_slots_per_lesion": self.lesion_slots_per_lesion in (0, 1),
             "alpha": self.alpha >= 0,
             "beta": self.beta >= 0,
             "clip_eps": 0 < self.clip_eps < 1,
@@ -63,7 +65,7 @@ class GFScreenSettings:
         if bad:
             raise ValueError(f"invalid GF-Screen settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                              f"(group_size >= 2 since a group of one has no relative advantage; shares and "
-                             f"probabilities in [0, 1]; clip_eps in (0, 1); dual_clip 0 or > 1; scale in (0, 1])")
+                             f"probabilities in [0, 1]; switches 0 or 1; clip_eps in (0, 1); dual_clip 0 or > 1; scale in (0, 1])")
 
     @classmethod
     def from_dict(cls, overrides: Optional[Mapping[str, Any]]) -> "GFScreenSettings":

@@ -14,7 +14,10 @@ whole by a random offset of up to half a step per axis, so that lesions sit anyw
 often only as slivers at its edge, as at inference. (Our earlier groups centred forced slots on a
 lesion voxel, which the Glance never sees at inference.) `lesion_share` of the slots are drawn from
 the grid tiles whose *central region* holds lesion (see `central_region`), the rest from all other
-grid tiles, slivers included. Each tile's Glance label (`group_lesion`) is the same central-region
+grid tiles, slivers included. A lesion slot draws a lesion first, uniformly among the case's lesions,
+then a tile whose central region holds it (`draw_per_lesion`, case_lesions.py), so that every lesion,
+however small, is drawn as often; `per_lesion=False` draws uniformly among the lesion tiles found from
+nnU-Net's `class_locations` instead (the earlier sampler, kept for comparison). Each tile's Glance label (`group_lesion`) is the same central-region
 test; the reward stays the paper's (the Focus's prediction overlaps the lesion anywhere in the tile).
 
 The loader also says, per slot, what the trainer needs to skip Focus passes that cannot change a reward:
@@ -34,6 +37,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunetv2_gfscreen.core.coverage import CENTRAL_MARGIN, central_boxes
+from nnunetv2_gfscreen.trainers.case_lesions import LesionCache, lesion_tiles
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
@@ -101,14 +105,31 @@ def tiles_with_lesion(starts: Sequence[Sequence[int]], patch_size: Sequence[int]
     return inside.all(2).any(0)
 
 
+def draw_per_lesion(tiles_per_lesion: Sequence[np.ndarray], n: int, rng) -> List[int]:
+    """n tile indices: each draws a lesion uniformly among those with a tile, then one of its tiles uniformly,
+    preferring tiles not drawn yet (a lesion spanning several tiles shows them in turn)."""
+    lesions = [np.asarray(t) for t in tiles_per_lesion if len(t)]
+    if not lesions:
+        raise ValueError("no lesion has a tile to draw")
+    taken, out = set(), []
+    for _ in range(n):
+        tiles = lesions[rng.randint(len(lesions))]
+        fresh = [int(t) for t in tiles if int(t) not in taken]
+        t = int(rng.choice(fresh if fresh else tiles))
+        taken.add(t)
+        out.append(t)
+    return out
+
+
 class GroupDataLoader(nnUNetDataLoader):
     """nnU-Net's loader (its batch unchanged, for the Focus) that also draws GRL groups of grid tiles.
 
     Each batch dict holds nnU-Net's `data`, `target`, `keys`, plus:
       - `group_data` (G*N, C, *final_patch_size) float32: `groups_per_batch` CTs x `group_size` tiles of the
         case's shifted sliding-window grid (`shifted_grid`), group-major; within a group the last
-        round(N * lesion_share) slots are drawn from the tiles whose central region holds lesion (with
-        replacement if there are fewer; healthy CTs have none), the others from the remaining tiles;
+        round(N * lesion_share) slots are drawn from the tiles whose central region holds lesion (a lesion
+        first, with `per_lesion`; tiles repeat if there are fewer; healthy CTs have none), the others from
+        the remaining tiles;
       - `group_target` (G*N, 1, *final_patch_size) int16, full resolution only (rewards, dense targets);
       - `group_lesion` (G*N,) float32: 1 if the tile's central region holds lesion (the Glance's label);
       - `group_lesion_anywhere` (G*N,) bool: the tile's target holds a lesion voxel anywhere (`holds_lesion`);
@@ -120,7 +141,7 @@ class GroupDataLoader(nnUNetDataLoader):
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
                  oversample_foreground_percent: float, group_size: int, groups_per_batch: int, lesion_share: float,
                  transforms=None, group_transforms=None, probabilistic_oversampling: bool = False,
-                 tile_step_size: float = 0.5):
+                 tile_step_size: float = 0.5, per_lesion: bool = True):
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for a group-relative advantage, got {group_size}")
         if groups_per_batch < 1:
@@ -140,22 +161,27 @@ class GroupDataLoader(nnUNetDataLoader):
         self.tile_step_size = tile_step_size
         self.group_transforms = group_transforms
         self.ignore_label = label_manager.ignore_label
+        self.per_lesion = per_lesion
+        self.lesions = LesionCache(self.ignore_label)
 
     @property
     def n_lesion_slots(self) -> int:
         """Slots per group drawn from lesion tiles (the last ones): round(N * lesion_share)."""
         return round(self.group_size * self.lesion_share)
 
-    def choose_tiles(self, lesion: np.ndarray) -> List[int]:
+    def choose_tiles(self, lesion: np.ndarray, tiles_per_lesion: Optional[Sequence[np.ndarray]] = None) -> List[int]:
         """Grid tile indices for the group's slots (lesion: (T,) bool per grid tile): others first, then the
-        lesion slots. Without replacement where the grid has enough tiles of the kind."""
+        lesion slots, per lesion (`draw_per_lesion`) when `tiles_per_lesion` is given, else uniformly among the
+        lesion tiles. Without replacement where the grid has enough tiles of the kind."""
         n_lesion_slots = self.n_lesion_slots if lesion.any() else 0
         pos, neg = np.flatnonzero(lesion), np.flatnonzero(~lesion)
         if len(neg) == 0:      # every tile holds lesion: the "other" slots take lesion tiles too
             neg = pos
         n_other = self.group_size - n_lesion_slots
         chosen = [np.random.choice(neg, n_other, replace=len(neg) < n_other)]
-        if n_lesion_slots:
+        if n_lesion_slots and tiles_per_lesion is not None:
+            chosen.append(np.asarray(draw_per_lesion(tiles_per_lesion, n_lesion_slots, np.random), dtype=np.int64))
+        elif n_lesion_slots:
             chosen.append(np.random.choice(pos, n_lesion_slots, replace=len(pos) < n_lesion_slots))
         return [int(i) for i in np.concatenate(chosen)]
 
@@ -187,8 +213,15 @@ class GroupDataLoader(nnUNetDataLoader):
                     raise NotImplementedError("GroupDataLoader does not support cascaded data")
                 shape = data.shape[1:]
                 starts = shifted_grid(shape, self.final_patch_size, self.tile_step_size, np.random)
-                lesion = tiles_with_lesion(starts, self.final_patch_size, shape, lesion_locations(properties))
-                for slot, t in enumerate(self.choose_tiles(lesion)):
+                per_lesion = None
+                if self.per_lesion:
+                    per_lesion = lesion_tiles(starts, self.final_patch_size, shape, self.lesions.get(key, seg))
+                    lesion = np.zeros(len(starts), dtype=bool)
+                    for tiles in per_lesion:
+                        lesion[tiles] = True
+                else:
+                    lesion = tiles_with_lesion(starts, self.final_patch_size, shape, lesion_locations(properties))
+                for slot, t in enumerate(self.choose_tiles(lesion, per_lesion)):
                     image, segmentation = self._crop(data, seg, starts[t])
                     group_starts.append(starts[t])
                     i = g * self.group_size + slot
