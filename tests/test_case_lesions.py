@@ -68,7 +68,8 @@ def test_lesion_tiles_and_id_crops_match_the_labelled_volume():
         present = set(np.unique(labels[box]).tolist()) - {0}
         assert present == {i + 1 for i, tiles in enumerate(per_lesion) if t in tiles}
         crop = crop_and_pad_nd(labels[None].astype(np.int16), [[s, s + p] for s, p in zip(start, PATCH)], 0)
-        assert np.array_equal(lesion_id_crop(lesions, start, PATCH), crop)
+        ids, present = lesion_id_crop(lesions, start, PATCH)
+        assert np.array_equal(ids, crop) and sorted(present) == sorted(set(np.unique(crop).tolist()) - {0})
 
 
 def test_the_cache_finds_a_cases_lesions_once(monkeypatch):

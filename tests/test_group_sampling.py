@@ -127,6 +127,31 @@ def test_group_source_marks_exactly_the_repeated_crops(loader_parts, mirror):
     assert repeats > 0
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_dense_weights_give_each_lesion_of_a_tile_weight_one(loader_parts, mirror):
+    from nnunetv2_gfscreen.core.lesions import label_lesions
+    ds, lm = loader_parts
+    np.random.seed(4)
+    dense_shape = (4, 12, 12)
+    dl = _loader(ds, lm, group_size=8, groups_per_batch=3, dense_shape=dense_shape,
+                 group_transforms=MirrorTransform((0, 1, 2)) if mirror else None)
+    weighted = 0
+    for _ in range(2):
+        groups = dl.generate_groups()
+        w = groups["group_dense_weight"]
+        assert w.shape == (24, 1, *dense_shape)
+        target_map = torch.nn.functional.adaptive_max_pool3d((groups["group_target"] > 0).float(), dense_shape)
+        assert torch.equal(w > 0, target_map > 0)                 # weighted exactly where the map's target is lesion
+        for i, start in enumerate(groups["group_starts"]):
+            seg = np.asarray(ds.load_case(groups["group_keys"][i // 8])[1])[0]
+            labels, _ = label_lesions(seg > 0)
+            crop = crop_and_pad_nd(labels[None], [[s, s + p] for s, p in zip(start, (16, 48, 48))], 0)
+            n_lesions = len(set(np.unique(crop).tolist()) - {0})   # mirroring keeps the count
+            assert w[i].sum().item() == pytest.approx(n_lesions, abs=1e-4)
+            weighted += n_lesions > 0
+    assert weighted > 0
+
+
 def test_grid_shift_central_regions_and_lesion_tiles():
     class Fixed:
         def __init__(self, v):

@@ -80,6 +80,9 @@ def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planne
     assert batch["data"].shape[0] == trainer.batch_size and batch["group_data"].shape[0] == n
     assert [t.shape[0] for t in batch["target"]] == [trainer.batch_size] * len(batch["target"])  # deep supervision
     assert batch["group_target"].shape == (n, 1, *batch["group_data"].shape[2:])
+    # per-lesion dense weights at the shape of the policy Glance's dense map (glance_dense_per_lesion on)
+    dense = trainer.policy_glance.forward_dense(batch["group_data"][:1])[1]
+    assert batch["group_dense_weight"].shape == (n, 1, *dense.shape[2:])
     net = trainer._gfscreen_network()
     seen = {}
     loss, glance = trainer.loss, trainer.policy_glance.forward_dense

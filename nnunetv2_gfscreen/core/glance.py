@@ -171,6 +171,14 @@ class GlanceNet(nn.Module):
         target = scaled_shape(tile_shape, self.input_scale)
         return tuple(max(2, round(t / s)) * s for t, s in zip(target, self.total_stride))
 
+    def dense_shape(self, tile_shape: Sequence[int]) -> Optional[Tuple[int, int, int]]:
+        """Spatial shape of the dense lesion map for a tile of ``tile_shape`` (None without a dense head): the
+        internal shape divided by the strides of the stages up to ``dense_stage``."""
+        if self.dense_head is None:
+            return None
+        stride = [math.prod(s[a] for s in self.strides[:self.dense_stage + 1]) for a in range(3)]
+        return tuple(i // s for i, s in zip(self.internal_shape(tile_shape), stride))
+
     def forward_dense(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """x: (B, C, D, H, W) -> (select logits (B,), dense lesion logits (B, 1, d, h, w) or None)."""
         if x.ndim != 5:

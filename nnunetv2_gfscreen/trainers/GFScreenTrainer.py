@@ -27,16 +27,15 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_gfscreen.core.glance import build_glance
-from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
 from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_loader, group_transforms
-from nnunetv2_gfscreen.trainers.focus_passes import predict_tiles, tiles_to_predict
+from nnunetv2_gfscreen.trainers.focus_passes import predict_tiles
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
-from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
-                                                        intensity_augmentation)
+from nnunetv2_gfscreen.trainers.glance_training import cosine_lr, ema_decay, ema_update, intensity_augmentation
+from nnunetv2_gfscreen.trainers.objectives import GlanceObjectiveMixin
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 
@@ -44,9 +43,10 @@ from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "threshold")
 
 
-class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
-    """The full method. The paper's ablation arms (variants.py) override `compute_rewards`, `glance_objective` or
-    `grl_alpha`; `settings_overrides` changes GF-Screen settings for a variant (not those that shape the network)."""
+class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
+    """The full method. The ablation arms (variants.py) override one hook of the Glance's objective (objectives.py:
+    `compute_rewards`, `grl_alpha`, `glance_objective`, `dense_objective`); `settings_overrides` changes GF-Screen
+    settings for a variant (not those that shape the network)."""
     settings_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -163,28 +163,6 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
         """Predicted lesion mask (B, 1, *patch) from softmax logits (B, K, *patch): argmax is a foreground class."""
         return logits.argmax(1, keepdim=True) > 0
 
-    def focus_tiles(self, batch: dict) -> torch.Tensor:
-        """(T,) long, on the host: the group tiles whose Focus prediction the rewards need (focus_passes.py): those
-        holding valid lesion, each distinct crop once. A reward hook that can reward a tile without lesion must
-        override this to return every tile."""
-        return tiles_to_predict(batch, self.label_manager.ignore_label)
-
-    # ------------------------------------------------------------------ ablation hooks (variants.py)
-    def compute_rewards(self, pred_fg: torch.Tensor, gt_fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Reward per group tile (G*N,): the binary detection reward (docs/method.md, section 3.2)."""
-        return detection_reward(pred_fg, gt_fg, valid)
-
-    def grl_alpha(self) -> float:
-        """Weight of GRL's class-balanced CE term."""
-        return self.gfscreen.alpha
-
-    def glance_objective(self, glance_logits, ref_logits, rewards, lesion, group_ids) -> dict:
-        """The Glance's loss terms (grl_clip, grl_kl, grl_ce, grl_losses = their total): GRL."""
-        terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
-                         beta=self.gfscreen.beta, alpha=self.grl_alpha(), dual_clip=self.gfscreen.dual_clip or None,
-                         check_values=False)  # no host sync; a non-finite loss is skipped in train_step
-        return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
-
     def _to_device(self, data: torch.Tensor, target):
         """data and target (a tensor or nnU-Net's deep-supervision list) on the trainer's device."""
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
@@ -228,8 +206,7 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
             with torch.no_grad():
                 ref_logits = self.reference_glance(glance_input).float()
         glance_terms = self.glance_objective(glance_logits, ref_logits, rewards, lesion, group_ids)
-        dense_loss = dense_lesion_loss(dense_logits, gt_fg) if dense_logits is not None \
-            else glance_logits.new_zeros(())
+        dense_loss = self.dense_objective(dense_logits, gt_fg, batch)
         loss = glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
         trained = [(self.policy_glance, self.glance_optimizer)]
         if seg_loss is not None:

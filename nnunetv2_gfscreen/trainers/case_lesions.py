@@ -70,11 +70,13 @@ def lesion_tiles(starts: Sequence[Sequence[int]], patch_size: Sequence[int], sha
     return out
 
 
-def lesion_id_crop(lesions: Sequence[Lesion], start: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
-    """(1, *patch) int16: lesion i + 1 where the tile at `start` holds a voxel of lesion i, 0 elsewhere."""
+def lesion_id_crop(lesions: Sequence[Lesion], start: Sequence[int],
+                   patch_size: Sequence[int]) -> Tuple[np.ndarray, List[int]]:
+    """(1, *patch) int16: lesion i + 1 where the tile at `start` holds a voxel of lesion i, 0 elsewhere; and the
+    ids it holds."""
     if len(lesions) >= np.iinfo(np.int16).max:
         raise ValueError(f"{len(lesions)} lesions in one case: more than an int16 lesion map holds")
-    out = np.zeros((1, *patch_size), dtype=np.int16)
+    out, present = np.zeros((1, *patch_size), dtype=np.int16), []
     tile_lo = np.asarray(start)
     tile_hi = tile_lo + np.asarray(patch_size)
     for i, lesion in enumerate(lesions):
@@ -82,9 +84,11 @@ def lesion_id_crop(lesions: Sequence[Lesion], start: Sequence[int], patch_size: 
         if np.any(hi <= lo):
             continue
         part = lesion.mask()[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, lesion.lo))]
-        view = out[(0,) + tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, tile_lo))]
-        view[part] = i + 1
-    return out
+        if part.any():
+            view = out[(0,) + tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, tile_lo))]
+            view[part] = i + 1
+            present.append(i + 1)
+    return out, present
 
 
 class LesionCache:

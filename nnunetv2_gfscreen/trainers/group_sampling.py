@@ -37,7 +37,8 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunetv2_gfscreen.core.coverage import CENTRAL_MARGIN, central_boxes
-from nnunetv2_gfscreen.trainers.case_lesions import LesionCache, lesion_tiles
+from nnunetv2_gfscreen.trainers.case_lesions import LesionCache, lesion_id_crop, lesion_tiles
+from nnunetv2_gfscreen.trainers.glance_training import lesion_map_weights
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
@@ -135,13 +136,16 @@ class GroupDataLoader(nnUNetDataLoader):
       - `group_lesion_anywhere` (G*N,) bool: the tile's target holds a lesion voxel anywhere (`holds_lesion`);
       - `group_source` (G*N,) long: the first slot of the batch holding the same crop (same CT and start, and
         equal image and target after the group transforms, i.e. the same mirroring), the slot itself if none;
-      - `group_ids` (G*N,) long; `group_keys`, the CT of each group; `group_starts`, each tile's start (z, y, x).
+      - `group_ids` (G*N,) long; `group_keys`, the CT of each group; `group_starts`, each tile's start (z, y, x);
+      - with `dense_shape` (the Glance's dense map shape), `group_dense_weight` (G*N, 1, *dense_shape) float32:
+        the per-lesion weights of the dense map's lesion voxels (glance_training.lesion_map_weights).
     """
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
                  oversample_foreground_percent: float, group_size: int, groups_per_batch: int, lesion_share: float,
                  transforms=None, group_transforms=None, probabilistic_oversampling: bool = False,
-                 tile_step_size: float = 0.5, per_lesion: bool = True):
+                 tile_step_size: float = 0.5, per_lesion: bool = True,
+                 dense_shape: Optional[Sequence[int]] = None):
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for a group-relative advantage, got {group_size}")
         if groups_per_batch < 1:
@@ -162,6 +166,7 @@ class GroupDataLoader(nnUNetDataLoader):
         self.group_transforms = group_transforms
         self.ignore_label = label_manager.ignore_label
         self.per_lesion = per_lesion
+        self.dense_shape = tuple(int(s) for s in dense_shape) if dense_shape is not None else None
         self.lesions = LesionCache(self.ignore_label)
 
     @property
@@ -205,6 +210,7 @@ class GroupDataLoader(nnUNetDataLoader):
         group_lesion = torch.zeros(n, dtype=torch.float32)
         group_source = torch.arange(n)
         group_starts = []
+        dense_weight = torch.zeros((n, 1, *self.dense_shape)) if self.dense_shape is not None else None
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for g, key in enumerate(cases):
                 data, seg, seg_prev, properties = self._data.load_case(key)   # once per group
@@ -214,8 +220,9 @@ class GroupDataLoader(nnUNetDataLoader):
                 shape = data.shape[1:]
                 starts = shifted_grid(shape, self.final_patch_size, self.tile_step_size, np.random)
                 per_lesion = None
+                lesions = self.lesions.get(key, seg) if self.per_lesion or dense_weight is not None else None
                 if self.per_lesion:
-                    per_lesion = lesion_tiles(starts, self.final_patch_size, shape, self.lesions.get(key, seg))
+                    per_lesion = lesion_tiles(starts, self.final_patch_size, shape, lesions)
                     lesion = np.zeros(len(starts), dtype=bool)
                     for tiles in per_lesion:
                         lesion[tiles] = True
@@ -227,12 +234,18 @@ class GroupDataLoader(nnUNetDataLoader):
                     i = g * self.group_size + slot
                     # labelled before mirroring: a border side of the central region is not symmetric
                     group_lesion[i] = float(self._central_label(segmentation, starts[t], shape))
+                    present = []
+                    if dense_weight is not None:   # lesion ids ride along as a second channel: mirrored alike
+                        ids, present = lesion_id_crop(lesions, starts[t], self.final_patch_size)
+                        segmentation = torch.cat([segmentation, torch.from_numpy(ids)])
                     if self.group_transforms is not None:
                         out = self.group_transforms(**{'image': image, 'segmentation': segmentation})
                         image, segmentation = out['image'], out['segmentation']
                     if isinstance(segmentation, (list, tuple)):
                         raise ValueError("group_transforms must return the full-resolution segmentation only "
                                          "(no deep-supervision list)")
+                    if dense_weight is not None:
+                        segmentation, ids = segmentation[:1], segmentation[1:]
                     if group_data is None:
                         group_data = torch.empty((n, *image.shape), dtype=torch.float32)
                         group_target = torch.empty((n, *segmentation.shape), dtype=segmentation.dtype)
@@ -244,10 +257,14 @@ class GroupDataLoader(nnUNetDataLoader):
                         group_source[i] = same[0]
                     else:
                         unique_at.setdefault(starts[t], []).append(i)
+                    if dense_weight is not None and present:
+                        dense_weight[i] = dense_weight[same[0]] if same else \
+                            lesion_map_weights(ids[None], self.dense_shape, [present])[0]
         return {'group_data': group_data, 'group_target': group_target, 'group_lesion': group_lesion,
                 'group_lesion_anywhere': holds_lesion(group_target, self.ignore_label), 'group_source': group_source,
                 'group_keys': list(cases), 'group_ids': torch.arange(n) // self.group_size,
-                'group_starts': group_starts}
+                'group_starts': group_starts,
+                **({'group_dense_weight': dense_weight} if dense_weight is not None else {})}
 
     def generate_train_batch(self):
         batch = super().generate_train_batch()   # nnU-Net's Focus batch, unchanged
