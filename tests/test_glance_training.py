@@ -141,3 +141,45 @@ def test_dense_shape_is_the_shape_of_the_dense_map():
         net = GlanceNet(1, features_per_stage=(4, 8, 16, 16), blocks_per_stage=1, patch_size=patch, dense_stage=stage)
         assert tuple(net.forward_dense(torch.zeros(1, 1, *patch))[1].shape[2:]) == net.dense_shape(patch)
     assert GlanceNet(1, features_per_stage=(4, 8), blocks_per_stage=1, dense_stage=None).dense_shape((8, 8, 8)) is None
+
+
+def test_logit_bound_is_a_soft_monotonic_bound():
+    torch.manual_seed(0)
+    free = GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, patch_size=(16, 32, 32))
+    bounded = GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, patch_size=(16, 32, 32), logit_bound=2.0)
+    bounded.load_state_dict(free.state_dict())             # the bound adds no parameter
+    with torch.no_grad():
+        free.head.bias.fill_(3.0)                          # push the logits past the bound
+        bounded.head.bias.fill_(3.0)
+        x = torch.randn(6, 1, 16, 32, 32)
+        z, b = free(x), bounded(x)
+    assert torch.allclose(b, 2.0 * torch.tanh(z / 2.0)) and (b.abs() < 2.0).all() and (z > 2.0).any()
+    assert torch.equal(torch.argsort(b), torch.argsort(z))
+    with pytest.raises(ValueError, match="logit_bound"):
+        GlanceNet(1, features_per_stage=(4, 8), blocks_per_stage=1, logit_bound=-1.0)
+
+
+def test_label_smoothing_by_hand_and_its_finite_optimum():
+    from nnunetv2_gfscreen.core.grl import balanced_bce
+    e = 0.1
+    sp = lambda z: math.log1p(math.exp(z))
+    bce = lambda z, t: t * sp(-z) + (1 - t) * sp(z)        # BCE of logit z against target t
+    logits, labels = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    expected = 0.5 * bce(2.0, 1 - e / 2) + 0.5 * (bce(-1.0, e / 2) + bce(0.5, e / 2)) / 2
+    assert balanced_bce(logits, labels, label_smoothing=e).item() == pytest.approx(expected, rel=1e-6)
+    assert balanced_bce(logits, labels).item() == pytest.approx(0.5 * sp(-2.0) + 0.25 * (sp(-1.0) + sp(0.5)), rel=1e-6)
+    # the smoothed CE of a positive is minimal at log((2 - e) / e), not at +infinity
+    z = torch.tensor([math.log((2 - e) / e)], requires_grad=True)
+    balanced_bce(z, torch.ones(1), label_smoothing=e).backward()
+    assert abs(z.grad.item()) < 1e-6
+    # the dense loss smooths its targets the same way (one lesion cell at logit 2, seven others at -1)
+    lesion = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bool)
+    lesion[0, 0, 0, 0, 0] = True
+    dense = torch.full((1, 1, 2, 2, 2), -1.0)
+    dense[0, 0, 0, 0, 0] = 2.0
+    expected = 0.5 * bce(2.0, 1 - e / 2) + 0.5 * bce(-1.0, e / 2)
+    assert dense_lesion_loss(dense, lesion, label_smoothing=e).item() == pytest.approx(expected, rel=1e-6)
+    weight = lesion.float()
+    assert dense_lesion_loss(dense, lesion, weight, label_smoothing=e).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        balanced_bce(logits, labels, label_smoothing=1.0)

@@ -29,6 +29,8 @@ class GFScreenSettings:
     glance_lr: float = 3e-4  # AdamW, as in the paper, with cosine decay over the training
     glance_weight_decay: float = 1e-2
     glance_dense_weight: float = 1.0  # weight of the Glance's dense lesion-map loss (0: tile-level only)
+    glance_logit_bound: float = 0.0  # soft bound c * tanh(z / c) on the select logit (shapes the network); 0: off
+    glance_label_smoothing: float = 0.0  # targets y (1 - e) + e / 2 in the dense loss and GRL's CE term; 0: off
     glance_dense_per_lesion: int = 1  # 1: every lesion in a tile weighs the same in the dense loss; 0: every map voxel
     glance_dense_stage: int = 1  # encoder stage whose output the dense head reads (0 is finer, for small lesions)
     glance_ema_decay: float = 0.99  # EMA of the Glance's weights, used for validation, calibration, inference
@@ -53,6 +55,8 @@ class GFScreenSettings:
             "glance_input_scale": 0 < self.glance_input_scale <= 1,
             "glance_base_features": self.glance_base_features >= 1,
             "glance_dense_weight": self.glance_dense_weight >= 0,
+            "glance_logit_bound": self.glance_logit_bound >= 0,
+            "glance_label_smoothing": 0 <= self.glance_label_smoothing < 1,
             "glance_dense_per_lesion": self.glance_dense_per_lesion in (0, 1),
             "glance_dense_stage": 0 <= self.glance_dense_stage <= 4,
             "glance_ema_decay": 0 <= self.glance_ema_decay < 1,

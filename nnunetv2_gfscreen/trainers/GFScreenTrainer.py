@@ -40,7 +40,8 @@ from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
-NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "threshold")
+NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "glance_logit_bound",
+                    "threshold")
 
 
 class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
@@ -89,7 +90,7 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
                                                          num_output_channels, enable_deep_supervision)
         settings = GFScreenSettings.from_configuration(configuration_manager.configuration)
         glance = build_glance(num_input_channels, configuration_manager.patch_size, settings.glance_input_scale,
-                              settings.glance_base_features, settings.glance_dense_stage)
+                              settings.glance_base_features, settings.glance_dense_stage, settings.glance_logit_bound)
         return GFScreenNetwork(focus, glance, num_output_channels, threshold=settings.threshold)
 
     def _gfscreen_network(self) -> GFScreenNetwork:

@@ -94,23 +94,29 @@ def lesion_map_weights(lesion_ids: Tensor, map_shape: Sequence[int],
     return out
 
 
-def dense_lesion_loss(dense_logits: Tensor, lesion: Tensor, positive_weight: Optional[Tensor] = None) -> Tensor:
+def dense_lesion_loss(dense_logits: Tensor, lesion: Tensor, positive_weight: Optional[Tensor] = None,
+                      label_smoothing: float = 0.0) -> Tensor:
     """Class-balanced BCE of the Glance's dense lesion map against the max-pooled lesion mask.
 
     dense_logits: (B, 1, d, h, w); lesion: (B, 1, D, H, W) bool, the tiles' full-resolution lesion mask.
     Without `positive_weight`: 0.5 mean CE over the lesion map voxels + 0.5 mean CE over the others. With
     `positive_weight` (B, 1, d, h, w), e.g. `lesion_map_weights`: the lesion voxels' mean is weighted by it,
     ``sum(w * CE) / sum(w)``; the other voxels' mean is unchanged. With one class only, its mean is returned.
+    `label_smoothing` e: CE targets 1 - e/2 and e/2 (core/grl.balanced_bce says why).
     """
     if dense_logits.ndim != 5 or lesion.ndim != 5 or dense_logits.shape[:2] != lesion.shape[:2]:
         raise ValueError(f"expected (B, 1, *spatial) maps, got {tuple(dense_logits.shape)} and {tuple(lesion.shape)}")
     target = F.adaptive_max_pool3d(lesion.float(), dense_logits.shape[2:])
-    if positive_weight is None:
-        return balanced_bce(dense_logits.float().flatten(), target.flatten(), check_values=False)  # 0/1 by construction
+    if positive_weight is None:   # 0/1 by construction: no value check
+        return balanced_bce(dense_logits.float().flatten(), target.flatten(), check_values=False,
+                            label_smoothing=label_smoothing)
     if positive_weight.shape != dense_logits.shape:
         raise ValueError(f"positive_weight must have the map's shape {tuple(dense_logits.shape)}, "
                          f"got {tuple(positive_weight.shape)}")
-    ce = F.binary_cross_entropy_with_logits(dense_logits.float(), target, reduction='none')
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    smoothed = target * (1 - label_smoothing) + 0.5 * label_smoothing
+    ce = F.binary_cross_entropy_with_logits(dense_logits.float(), smoothed, reduction='none')
     pos = target > 0
     w = positive_weight.float() * pos
     n_neg = (~pos).sum()

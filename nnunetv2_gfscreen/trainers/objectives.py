@@ -35,7 +35,8 @@ class GlanceObjectiveMixin:
         """The Glance's tile-level loss terms (grl_clip, grl_kl, grl_ce, grl_losses = their total): GRL."""
         terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
                          beta=self.gfscreen.beta, alpha=self.grl_alpha(), dual_clip=self.gfscreen.dual_clip or None,
-                         check_values=False)  # no host sync; a non-finite loss is skipped in train_step
+                         check_values=False,  # no host sync; a non-finite loss is skipped in train_step
+                         label_smoothing=self.gfscreen.glance_label_smoothing)
         return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
 
     def dense_weight_shape(self) -> Optional[tuple]:
@@ -57,4 +58,4 @@ class GlanceObjectiveMixin:
                 raise KeyError("glance_dense_per_lesion is on but the batch has no group_dense_weight: the group "
                                "loader needs dense_shape=trainer.dense_weight_shape()")
             weight = batch["group_dense_weight"].to(self.device, non_blocking=True)
-        return dense_lesion_loss(dense_logits, gt_fg, weight)
+        return dense_lesion_loss(dense_logits, gt_fg, weight, self.gfscreen.glance_label_smoothing)
