@@ -7,7 +7,7 @@ from torch import nn
 
 from nnunetv2_gfscreen.core.glance import GlanceNet, build_glance
 from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
-                                                        intensity_augmentation)
+                                                        intensity_augmentation, lesion_map_weights)
 
 
 def test_cosine_lr_by_hand():
@@ -102,3 +102,84 @@ def test_glance_learns_a_lesion_map_from_the_dense_loss_alone():
         logits = net(x)
     pos, neg = logits[0::2], logits[1::2]
     assert pos.min() > neg.max(), f"lesion tiles {pos.min():.2f} vs others {neg.max():.2f}"
+
+
+def test_per_lesion_weights_and_loss_on_a_hand_built_mask():
+    """A 4x8x8 tile, map 2x2x2 (cells of 2x4x4 voxels). Lesion 1: one voxel in cell (0,0,0). Lesion 2: a line
+    across cells (1,1,0) and (1,1,1). Lesion 3: one voxel in cell (1,1,1), which it shares with lesion 2."""
+    ids = torch.zeros(1, 1, 4, 8, 8, dtype=torch.int16)
+    ids[0, 0, 0, 1, 1] = 1
+    ids[0, 0, 3, 6, 2:6] = 2
+    ids[0, 0, 2, 7, 7] = 3
+    w = lesion_map_weights(ids, (2, 2, 2))
+    expected = torch.zeros(1, 1, 2, 2, 2)
+    expected[0, 0, 0, 0, 0] = 1.0            # lesion 1: 1 cell
+    expected[0, 0, 1, 1, 0] = 0.5            # lesion 2: 2 cells, 1/2 each
+    expected[0, 0, 1, 1, 1] = 0.5 + 1.0      # ... plus lesion 3's one cell
+    assert torch.equal(w, expected)
+    assert torch.equal(lesion_map_weights(ids, (2, 2, 2), present=[[1, 2, 3]]), expected)
+
+    logits = torch.full((1, 1, 2, 2, 2), -3.0)
+    logits[0, 0, 0, 0, 0], logits[0, 0, 1, 1, 0], logits[0, 0, 1, 1, 1] = 2.0, -1.0, 0.0
+    logits[0, 0, 0, 1, 1] = 1.0              # one negative cell scored high
+    sp = lambda z: math.log1p(math.exp(z))   # softplus: CE of a positive at logit z is sp(-z), of a negative sp(z)
+    pos = (1.0 * sp(-2.0) + 0.5 * sp(1.0) + 1.5 * sp(0.0)) / 3.0   # weights sum to 3 lesions
+    neg = (4 * sp(-3.0) + sp(1.0)) / 5.0                           # 5 negative cells, unweighted
+    loss = dense_lesion_loss(logits, ids > 0, w)
+    assert loss.item() == pytest.approx(0.5 * pos + 0.5 * neg, rel=1e-6)
+    voxel_balanced = 0.5 * (sp(-2.0) + sp(1.0) + sp(0.0)) / 3.0 + 0.5 * neg
+    assert dense_lesion_loss(logits, ids > 0).item() == pytest.approx(voxel_balanced, rel=1e-6)
+    no_lesion = torch.zeros_like(ids, dtype=torch.bool)             # one class only: the negatives' mean
+    all_negative = (sp(2.0) + sp(-1.0) + sp(0.0) + sp(1.0) + 4 * sp(-3.0)) / 8.0
+    assert dense_lesion_loss(logits, no_lesion, torch.zeros_like(w)).item() == pytest.approx(all_negative, rel=1e-6)
+    with pytest.raises(ValueError, match="positive_weight"):
+        dense_lesion_loss(logits, ids > 0, w[:, :, :1])
+
+
+def test_dense_shape_is_the_shape_of_the_dense_map():
+    for patch, stage in (((16, 48, 48), 1), ((20, 64, 56), 0), ((32, 96, 80), 2)):
+        net = GlanceNet(1, features_per_stage=(4, 8, 16, 16), blocks_per_stage=1, patch_size=patch, dense_stage=stage)
+        assert tuple(net.forward_dense(torch.zeros(1, 1, *patch))[1].shape[2:]) == net.dense_shape(patch)
+    assert GlanceNet(1, features_per_stage=(4, 8), blocks_per_stage=1, dense_stage=None).dense_shape((8, 8, 8)) is None
+
+
+def test_logit_bound_is_a_soft_monotonic_bound():
+    torch.manual_seed(0)
+    free = GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, patch_size=(16, 32, 32))
+    bounded = GlanceNet(1, features_per_stage=(4, 8, 16), blocks_per_stage=1, patch_size=(16, 32, 32), logit_bound=2.0)
+    bounded.load_state_dict(free.state_dict())             # the bound adds no parameter
+    with torch.no_grad():
+        free.head.bias.fill_(3.0)                          # push the logits past the bound
+        bounded.head.bias.fill_(3.0)
+        x = torch.randn(6, 1, 16, 32, 32)
+        z, b = free(x), bounded(x)
+    assert torch.allclose(b, 2.0 * torch.tanh(z / 2.0)) and (b.abs() < 2.0).all() and (z > 2.0).any()
+    assert torch.equal(torch.argsort(b), torch.argsort(z))
+    with pytest.raises(ValueError, match="logit_bound"):
+        GlanceNet(1, features_per_stage=(4, 8), blocks_per_stage=1, logit_bound=-1.0)
+
+
+def test_label_smoothing_by_hand_and_its_finite_optimum():
+    from nnunetv2_gfscreen.core.grl import balanced_bce
+    e = 0.1
+    sp = lambda z: math.log1p(math.exp(z))
+    bce = lambda z, t: t * sp(-z) + (1 - t) * sp(z)        # BCE of logit z against target t
+    logits, labels = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    expected = 0.5 * bce(2.0, 1 - e / 2) + 0.5 * (bce(-1.0, e / 2) + bce(0.5, e / 2)) / 2
+    assert balanced_bce(logits, labels, label_smoothing=e).item() == pytest.approx(expected, rel=1e-6)
+    assert balanced_bce(logits, labels).item() == pytest.approx(0.5 * sp(-2.0) + 0.25 * (sp(-1.0) + sp(0.5)), rel=1e-6)
+    # the smoothed CE of a positive is minimal at log((2 - e) / e), not at +infinity
+    z = torch.tensor([math.log((2 - e) / e)], requires_grad=True)
+    balanced_bce(z, torch.ones(1), label_smoothing=e).backward()
+    assert abs(z.grad.item()) < 1e-6
+    # the dense loss smooths its targets the same way (one lesion cell at logit 2, seven others at -1)
+    lesion = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bool)
+    lesion[0, 0, 0, 0, 0] = True
+    dense = torch.full((1, 1, 2, 2, 2), -1.0)
+    dense[0, 0, 0, 0, 0] = 2.0
+    expected = 0.5 * bce(2.0, 1 - e / 2) + 0.5 * bce(-1.0, e / 2)
+    assert dense_lesion_loss(dense, lesion, label_smoothing=e).item() == pytest.approx(expected, rel=1e-6)
+    weight = lesion.float()
+    assert dense_lesion_loss(dense, lesion, weight, label_smoothing=e).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        balanced_bce(logits, labels, label_smoothing=1.0)

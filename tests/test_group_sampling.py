@@ -8,8 +8,9 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-from nnunetv2_gfscreen.trainers.group_sampling import (GroupDataLoader, central_region, centre_crop, shifted_grid,
-                                                       tiles_with_lesion)
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from nnunetv2_gfscreen.trainers.group_sampling import (GroupDataLoader, central_region, centre_crop, holds_lesion,
+                                                       shifted_grid, tiles_with_lesion)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,11 @@ class _Mark:
         return {"image": image + self.offset, "segmentation": segmentation}
 
 
-def test_groups_come_from_one_ct_each_with_lesion_share(loader_parts):
+@pytest.mark.parametrize("per_lesion", [True, False])
+def test_groups_come_from_one_ct_each_with_lesion_share(loader_parts, per_lesion):
     ds, lm = loader_parts
     np.random.seed(0)
-    dl = _loader(ds, lm)
+    dl = _loader(ds, lm, per_lesion=per_lesion)
     lesion_seen = 0
     for _ in range(4):
         groups = dl.generate_groups()
@@ -82,23 +84,72 @@ def test_group_slots_are_tiles_of_one_shifted_sliding_window_grid(loader_parts):
         data, seg = np.asarray(data), np.asarray(seg)
         shape = data.shape[1:]
         steps = compute_steps_for_sliding_window(tuple(max(s, p) for s, p in zip(shape, patch)), patch, 0.5)
-        offsets = set()
+        offsets = [None, None, None]     # per axis, the offsets every slot so far agrees with
         for j, start in enumerate(groups["group_starts"]):
             bbox = [[s, s + p] for s, p in zip(start, patch)]
             assert np.array_equal(crop_and_pad_nd(data, bbox, 0), groups["group_data"][j].numpy())
             target = crop_and_pad_nd(seg, bbox, -1)
             assert np.array_equal(target, groups["group_target"][j].numpy())   # -1 outside: the trainer's transforms clear it
-            # one offset for the whole grid, at most half a step (the step is half a patch) per axis
-            offset = []
+            # one offset for the whole grid, at most half a step (the step is half a patch) per axis; a start
+            # half a step from two grid points fits two offsets, so the slots must share one of their candidates
             for a in range(3):
-                cands = [start[a] - s for s in steps[a] if abs(start[a] - s) <= patch[a] // 4]
+                cands = {start[a] - s for s in steps[a] if abs(start[a] - s) <= patch[a] // 4}
                 assert cands, f"slot {j} axis {a}: start {start[a]} is not on the grid {steps[a]} +- a quarter patch"
-                offset.append(cands)
-            offsets.add(tuple(c[0] for c in offset))
+                offsets[a] = cands if offsets[a] is None else offsets[a] & cands
             region = central_region(start, patch, shape)
             local = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(region, start))
             assert groups["group_lesion"][j].item() == float((target[(slice(None),) + local] > 0).any())
-        assert len(offsets) == 1
+        assert all(offsets), offsets
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_group_source_marks_exactly_the_repeated_crops(loader_parts, mirror):
+    """More lesion slots than lesion tiles repeat crops; `group_source` points each repeat at its first copy
+    (same group, start, mirroring), and no two slots it calls distinct hold the same crop."""
+    ds, lm = loader_parts
+    np.random.seed(3)
+    dl = _loader(ds, lm, group_size=12, lesion_share=0.75, groups_per_batch=2,
+                 group_transforms=MirrorTransform((0, 1, 2)) if mirror else None)
+    repeats = 0
+    for _ in range(3):
+        groups = dl.generate_groups()
+        data, target, source = groups["group_data"], groups["group_target"], groups["group_source"]
+        assert torch.equal(groups["group_lesion_anywhere"], holds_lesion(target, lm.ignore_label))
+        for i in range(len(source)):
+            j = int(source[i])
+            same = torch.equal(data[i], data[j]) and torch.equal(target[i], target[j])
+            assert j <= i and same and groups["group_ids"][i] == groups["group_ids"][j]
+            assert groups["group_starts"][i] == groups["group_starts"][j]
+            if j == i:
+                assert not any(torch.equal(data[i], data[k]) and torch.equal(target[i], target[k])
+                               for k in range(i) if groups["group_ids"][k] == groups["group_ids"][i])
+            repeats += j != i
+    assert repeats > 0
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_dense_weights_give_each_lesion_of_a_tile_weight_one(loader_parts, mirror):
+    from nnunetv2_gfscreen.core.lesions import label_lesions
+    ds, lm = loader_parts
+    np.random.seed(4)
+    dense_shape = (4, 12, 12)
+    dl = _loader(ds, lm, group_size=8, groups_per_batch=3, dense_shape=dense_shape,
+                 group_transforms=MirrorTransform((0, 1, 2)) if mirror else None)
+    weighted = 0
+    for _ in range(2):
+        groups = dl.generate_groups()
+        w = groups["group_dense_weight"]
+        assert w.shape == (24, 1, *dense_shape)
+        target_map = torch.nn.functional.adaptive_max_pool3d((groups["group_target"] > 0).float(), dense_shape)
+        assert torch.equal(w > 0, target_map > 0)                 # weighted exactly where the map's target is lesion
+        for i, start in enumerate(groups["group_starts"]):
+            seg = np.asarray(ds.load_case(groups["group_keys"][i // 8])[1])[0]
+            labels, _ = label_lesions(seg > 0)
+            crop = crop_and_pad_nd(labels[None], [[s, s + p] for s, p in zip(start, (16, 48, 48))], 0)
+            n_lesions = len(set(np.unique(crop).tolist()) - {0})   # mirroring keeps the count
+            assert w[i].sum().item() == pytest.approx(n_lesions, abs=1e-4)
+            weighted += n_lesions > 0
+    assert weighted > 0
 
 
 def test_grid_shift_central_regions_and_lesion_tiles():

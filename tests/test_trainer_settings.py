@@ -34,6 +34,22 @@ def test_variant_cannot_override_network_settings(planned_dataset, monkeypatch, 
     with pytest.raises(ValueError, match="glance_input_scale"):
         _trainer(Bad, planned_dataset, monkeypatch, tmp_path)
 
+    class Bound(GFScreenTrainer):
+        settings_overrides = {"glance_logit_bound": 8.0}
+
+    with pytest.raises(ValueError, match="glance_logit_bound"):
+        _trainer(Bound, planned_dataset, monkeypatch, tmp_path)
+
+
+def test_the_logit_bound_comes_from_the_plans(planned_dataset):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = json.loads(planned_dataset["plans_file"].read_text())
+    for bound in (0.0, 6.0):
+        plans["configurations"][CONFIG]["gfscreen"]["glance_logit_bound"] = bound
+        pm = PlansManager(plans)
+        net = GFScreenTrainer.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 2, True)
+        assert net.glance.logit_bound == bound
+
 
 def test_ablation_arms_change_only_their_hook():
     from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_reward
@@ -41,7 +57,7 @@ def test_ablation_arms_change_only_their_hook():
                                             GFScreenTrainer_NoAlphaCE, GFScreenTrainer_PlainCE)
 
     class Settings:  # what the hooks read
-        alpha, clip_eps, beta, dual_clip = 0.5, 0.2, 0.04, 0.0
+        alpha, clip_eps, beta, dual_clip, glance_label_smoothing = 0.5, 0.2, 0.04, 0.0, 0.0
 
     def run(cls):
         t = cls.__new__(cls)  # the hooks need no nnU-Net state
@@ -80,6 +96,9 @@ def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planne
     assert batch["data"].shape[0] == trainer.batch_size and batch["group_data"].shape[0] == n
     assert [t.shape[0] for t in batch["target"]] == [trainer.batch_size] * len(batch["target"])  # deep supervision
     assert batch["group_target"].shape == (n, 1, *batch["group_data"].shape[2:])
+    # per-lesion dense weights at the shape of the policy Glance's dense map (glance_dense_per_lesion on)
+    dense = trainer.policy_glance.forward_dense(batch["group_data"][:1])[1]
+    assert batch["group_dense_weight"].shape == (n, 1, *dense.shape[2:])
     net = trainer._gfscreen_network()
     seen = {}
     loss, glance = trainer.loss, trainer.policy_glance.forward_dense

@@ -86,6 +86,8 @@ class GlanceNet(nn.Module):
     stage's output) is returned by ``forward_dense`` for its auxiliary loss; ``dense_stage=None``
     drops it. At tile step 0.5 the central regions of nnU-Net's tiles partition the volume's interior,
     so "lesion in my central region" marks the one tile per lesion part that holds it with margin.
+    ``logit_bound`` c > 0 softly bounds the select logit to (-c, c) (c * tanh(z / c)), so that a score
+    cannot run to +-40 where a shifted input moves a lesion from "sure" to "missed" with nothing between.
 
     Initialisation: He init for convolutions (as nnU-Net), the final Linear has weights
     N(0, 0.01^2) and bias 0, so the initial p(select) is about 0.5 for every tile.
@@ -104,8 +106,12 @@ class GlanceNet(nn.Module):
                  nonlin: Type[nn.Module] = nn.LeakyReLU,
                  nonlin_kwargs: Optional[dict] = None,
                  min_feature_map_size: int = 4,
-                 dense_stage: Optional[int] = 1):
+                 dense_stage: Optional[int] = 1,
+                 logit_bound: float = 0.0):
         super().__init__()
+        if logit_bound < 0:
+            raise ValueError(f"logit_bound must be >= 0 (0: unbounded), got {logit_bound}")
+        self.logit_bound = float(logit_bound)
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         self.input_scale = _per_axis(input_scale, 'input_scale')
@@ -171,6 +177,14 @@ class GlanceNet(nn.Module):
         target = scaled_shape(tile_shape, self.input_scale)
         return tuple(max(2, round(t / s)) * s for t, s in zip(target, self.total_stride))
 
+    def dense_shape(self, tile_shape: Sequence[int]) -> Optional[Tuple[int, int, int]]:
+        """Spatial shape of the dense lesion map for a tile of ``tile_shape`` (None without a dense head): the
+        internal shape divided by the strides of the stages up to ``dense_stage``."""
+        if self.dense_head is None:
+            return None
+        stride = [math.prod(s[a] for s in self.strides[:self.dense_stage + 1]) for a in range(3)]
+        return tuple(i // s for i, s in zip(self.internal_shape(tile_shape), stride))
+
     def forward_dense(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """x: (B, C, D, H, W) -> (select logits (B,), dense lesion logits (B, 1, d, h, w) or None)."""
         if x.ndim != 5:
@@ -186,7 +200,10 @@ class GlanceNet(nn.Module):
             dense = self.dense_head(skips[self.dense_stage])
             centre = dense[(slice(None), slice(None)) + tuple(slice(s // 4, s - s // 4) for s in dense.shape[2:])]
             features += [centre.flatten(1).amax(1, keepdim=True), dense.flatten(1).amax(1, keepdim=True)]
-        return self.head(torch.cat(features, dim=1))[:, 0], dense
+        logits = self.head(torch.cat(features, dim=1))[:, 0]
+        if self.logit_bound > 0:   # soft bound: monotonic, so the ranking of tiles is kept
+            logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+        return logits, dense
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, D, H, W) -> select logits (B,)."""
@@ -195,15 +212,17 @@ class GlanceNet(nn.Module):
 
 def build_glance(in_channels: int, patch_size: Sequence[int],
                  input_scale: Union[float, Sequence[float]] = 0.5, base_features: int = 16,
-                 dense_stage: Optional[int] = 1) -> GlanceNet:
+                 dense_stage: Optional[int] = 1, logit_bound: float = 0.0) -> GlanceNet:
     """The default Glance for Focus tiles of ``patch_size`` (z, y, x).
 
     Five ResNet-D stages (``base_features`` x 1, 2, 4, 8, 16 features, 2 blocks each: the ResNet-18
     layout at 16) on the tile at half resolution, strides from ``glance_strides``, the dense head on
     stage 1. For nnU-Net's default 48x224x192 CT tile this costs about 1% of the 3d_fullres
     PlainConvUNet's FLOPs (see tests/test_glance.py); narrower Glances suit CPU experiments.
+    ``logit_bound`` c > 0 returns c * tanh(z / c) instead of the select logit z (0: z).
     """
     if base_features < 1:
         raise ValueError(f"base_features must be >= 1, got {base_features}")
     return GlanceNet(in_channels, input_scale=input_scale, patch_size=patch_size,
-                     features_per_stage=tuple(base_features * 2 ** i for i in range(5)), dense_stage=dense_stage)
+                     features_per_stage=tuple(base_features * 2 ** i for i in range(5)), dense_stage=dense_stage,
+                     logit_bound=logit_bound)

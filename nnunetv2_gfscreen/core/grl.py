@@ -186,16 +186,20 @@ def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     return (torch.exp(log_q) - log_q - 1).mean()
 
 
-def balanced_bce(logits: Tensor, labels: Tensor, check_values: bool = True) -> Tensor:
+def balanced_bce(logits: Tensor, labels: Tensor, check_values: bool = True, label_smoothing: float = 0.0) -> Tensor:
     """Class-balanced binary cross-entropy ``0.5 mean_pos(CE) + 0.5 mean_neg(CE)``.
 
     Lesion tiles are rare; weighting both classes equally keeps the auxiliary CE from collapsing the
     Glance to "reject all". If the batch holds only one class, the mean over that class is returned.
+    With ``label_smoothing`` e the CE targets are ``1 - e/2`` and ``e/2`` (the classes are still split by
+    the 0/1 labels): the loss is then minimal at the finite logits ``+-log((2 - e) / e)`` instead of at
+    +-infinity, so separable tiles stop pushing the logits apart.
 
     Args:
         logits: float (B,), select logits.
         labels: (B,) of 0/1 (bool, integer or float), 1 = the tile holds lesion voxels.
         check_values: raise for labels other than 0/1 (reads the values: a host synchronisation on a GPU).
+        label_smoothing: e in [0, 1).
 
     Returns:
         scalar.
@@ -206,7 +210,10 @@ def balanced_bce(logits: Tensor, labels: Tensor, check_values: bool = True) -> T
     labels = labels.to(logits.dtype)
     if check_values and not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError(f"labels must be 0 or 1, got {labels.detach().cpu().tolist()}")
-    ce = F.binary_cross_entropy_with_logits(logits, labels, reduction='none')
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    targets = labels * (1 - label_smoothing) + 0.5 * label_smoothing if label_smoothing else labels
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
     pos = labels == 1
     # written without branching on values (no host synchronisation)
     n_pos, n_neg = pos.sum(), (~pos).sum()
@@ -225,7 +232,7 @@ class GRLTerms:
 
 def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_labels: Tensor,
              group_ids: Tensor, clip_eps: float = 0.1, beta: float = 0.01, alpha: float = 0.1,
-             dual_clip: Optional[float] = 3.0, check_values: bool = True) -> GRLTerms:
+             dual_clip: Optional[float] = 3.0, check_values: bool = True, label_smoothing: float = 0.0) -> GRLTerms:
     """GRL objective of the Glance: ``L = L_clip + beta * KL_k3 + alpha * balanced_CE``.
 
     ``logp = logsigmoid(glance_logits)`` and ``logp_ref = logsigmoid(ref_logits)`` (detached) are
@@ -244,6 +251,7 @@ def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_
         check_values: raise ValueError for NaN/inf logits or rewards and non-0/1 labels. Reading values is a
             host synchronisation on a GPU; the trainer passes False, and a non-finite logit (fp16 overflow)
             then gives a non-finite loss whose step the GradScaler skips, as nnU-Net's own steps are skipped.
+        label_smoothing: of the CE term's targets (see ``balanced_bce``); 0 is the paper's CE.
 
     Returns:
         GRLTerms with the *unweighted* ``clip``, ``kl``, ``ce`` and the weighted ``total``.
@@ -263,7 +271,7 @@ def grl_loss(glance_logits: Tensor, ref_logits: Tensor, rewards: Tensor, lesion_
     kl = kl_k3(logp, logp_ref)
     total = clip + beta * kl
     if alpha > 0:
-        ce = balanced_bce(glance_logits, lesion_labels, check_values=check_values)
+        ce = balanced_bce(glance_logits, lesion_labels, check_values=check_values, label_smoothing=label_smoothing)
         total = total + alpha * ce
     else:
         ce = torch.zeros((), dtype=total.dtype, device=total.device)

@@ -20,6 +20,7 @@ class GFScreenSettings:
     group_size: int = 16  # N sub-volumes per CT; the paper found N=4 much worse than 16
     groups_per_step: int = 2  # CTs (groups) per training step: one CT's tiles give strongly correlated gradients
     lesion_share: float = 0.33  # share of each group drawn from the grid tiles that hold lesion
+    lesion_slots_per_lesion: int = 1  # 1: a lesion slot draws a lesion, then its tile; 0: a lesion tile (voxel-led)
     tile_step_size: float = 0.5  # groups are cut on the predictor's sliding-window grid with this step
     alpha: float = 0.1  # weight of the class-balanced CE term
     beta: float = 0.01  # weight of the KL(pi || pi_ref) term
@@ -30,6 +31,9 @@ class GFScreenSettings:
     glance_lr: float = 3e-4  # AdamW, as in the paper, with cosine decay over the training
     glance_weight_decay: float = 1e-2
     glance_dense_weight: float = 1.0  # weight of the Glance's dense lesion-map loss (0: tile-level only)
+    glance_logit_bound: float = 0.0  # soft bound c * tanh(z / c) on the select logit (shapes the network); 0: off
+    glance_label_smoothing: float = 0.0  # targets y (1 - e) + e / 2 in the dense loss and GRL's CE term; 0: off
+    glance_dense_per_lesion: int = 1  # 1: every lesion in a tile weighs the same in the dense loss; 0: every map voxel
     glance_dense_stage: int = 1  # encoder stage whose output the dense head reads (0 is finer, for small lesions)
     glance_ema_decay: float = 0.99  # EMA of the Glance's weights, used for validation, calibration, inference
     glance_aug_p: float = 0.5  # probability per tile of intensity augmentation of the Glance's input
@@ -50,6 +54,7 @@ class GFScreenSettings:
             "groups_per_step": self.groups_per_step >= 1,
             "tile_step_size": 0 < self.tile_step_size <= 1,
             "lesion_share": 0.0 <= self.lesion_share <= 1.0,
+            "lesion_slots_per_lesion": self.lesion_slots_per_lesion in (0, 1),
             "alpha": self.alpha >= 0,
             "beta": self.beta >= 0,
             "clip_eps": 0 < self.clip_eps < 1,
@@ -57,6 +62,9 @@ class GFScreenSettings:
             "glance_input_scale": 0 < self.glance_input_scale <= 1,
             "glance_base_features": self.glance_base_features >= 1,
             "glance_dense_weight": self.glance_dense_weight >= 0,
+            "glance_logit_bound": self.glance_logit_bound >= 0,
+            "glance_label_smoothing": 0 <= self.glance_label_smoothing < 1,
+            "glance_dense_per_lesion": self.glance_dense_per_lesion in (0, 1),
             "glance_dense_stage": 0 <= self.glance_dense_stage <= 4,
             "glance_ema_decay": 0 <= self.glance_ema_decay < 1,
             "glance_aug_p": 0 <= self.glance_aug_p <= 1,
@@ -73,7 +81,7 @@ class GFScreenSettings:
         if bad:
             raise ValueError(f"invalid GF-Screen settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                              f"(group_size >= 2 since a group of one has no relative advantage; shares and "
-                             f"probabilities in [0, 1]; clip_eps in (0, 1); dual_clip 0 or > 1; scale in (0, 1])")
+                             f"probabilities in [0, 1]; switches 0 or 1; clip_eps in (0, 1); dual_clip 0 or > 1; scale in (0, 1])")
 
     @classmethod
     def from_dict(cls, overrides: Optional[Mapping[str, Any]]) -> "GFScreenSettings":

@@ -2,7 +2,8 @@
 
 Per step (docs/method.md, sections 3 and 10): nnU-Net's Dice+CE on the Focus for nnU-Net's own batch (its sampling and
 augmentation, unchanged); groups of N grid tiles per CT (`groups_per_step` CTs), which the Focus
-predicts without gradient; a binary detection reward per tile; group-relative advantages; the GRL
+predicts without gradient where a reward can depend on it (tiles holding lesion, each distinct crop once:
+`focus_tiles`); a binary detection reward per tile; group-relative advantages; the GRL
 loss (clipped ratio against a frozen reference Glance refreshed every epoch, k3 KL, class-balanced
 CE) plus the Glance's dense lesion-map loss; L = L_seg + L_GRL + w * L_dense. The Glance that
 trains (the policy) is averaged (EMA) into the network's Glance, which is what validation,
@@ -26,25 +27,26 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_gfscreen.core.glance import build_glance
-from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
 from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_loader, group_transforms
+from nnunetv2_gfscreen.trainers.focus_passes import predict_tiles
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
-from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
-                                                        intensity_augmentation)
+from nnunetv2_gfscreen.trainers.glance_training import cosine_lr, ema_decay, ema_update, intensity_augmentation
+from nnunetv2_gfscreen.trainers.objectives import GlanceObjectiveMixin
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
-NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage")
+NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "glance_logit_bound")
 
 
-class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
-    """The full method. The paper's ablation arms (variants.py) override `compute_rewards`, `glance_objective` or
-    `grl_alpha`; `settings_overrides` changes GF-Screen settings for a variant (not those that shape the network)."""
+class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
+    """The full method. The ablation arms (variants.py) override one hook of the Glance's objective (objectives.py:
+    `compute_rewards`, `grl_alpha`, `glance_objective`, `dense_objective`); `settings_overrides` changes GF-Screen
+    settings for a variant (not those that shape the network)."""
     settings_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -87,7 +89,7 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
                                                          num_output_channels, enable_deep_supervision)
         settings = GFScreenSettings.from_configuration(configuration_manager.configuration)
         glance = build_glance(num_input_channels, configuration_manager.patch_size, settings.glance_input_scale,
-                              settings.glance_base_features, settings.glance_dense_stage)
+                              settings.glance_base_features, settings.glance_dense_stage, settings.glance_logit_bound)
         return GFScreenNetwork(focus, glance, num_output_channels)
 
     def _gfscreen_network(self) -> GFScreenNetwork:
@@ -154,33 +156,6 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
         """Predicted lesion mask (B, 1, *patch) from softmax logits (B, K, *patch): argmax is a foreground class."""
         return logits.argmax(1, keepdim=True) > 0
 
-    @torch.no_grad()
-    def _group_predictions(self, group_data: torch.Tensor) -> torch.Tensor:
-        """The Focus's lesion prediction (G*N, 1, *patch) bool for every group sub-volume, without gradient,
-        in chunks of the planned batch size (fp16 on CUDA)."""
-        pred_fg = []
-        with self._autocast():
-            for chunk in torch.split(group_data, max(1, self.batch_size)):
-                out = self.local_network()(chunk)  # no gradient: past the DDP wrapper
-                pred_fg.append(self._foreground(out[0] if isinstance(out, list) else out))
-        return torch.cat(pred_fg)
-
-    # ------------------------------------------------------------------ ablation hooks (variants.py)
-    def compute_rewards(self, pred_fg: torch.Tensor, gt_fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Reward per group tile (G*N,): the binary detection reward (docs/method.md, section 3.2)."""
-        return detection_reward(pred_fg, gt_fg, valid)
-
-    def grl_alpha(self) -> float:
-        """Weight of GRL's class-balanced CE term."""
-        return self.gfscreen.alpha
-
-    def glance_objective(self, glance_logits, ref_logits, rewards, lesion, group_ids) -> dict:
-        """The Glance's loss terms (grl_clip, grl_kl, grl_ce, grl_losses = their total): GRL."""
-        terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
-                         beta=self.gfscreen.beta, alpha=self.grl_alpha(), dual_clip=self.gfscreen.dual_clip or None,
-                         check_values=False)  # no host sync; a non-finite loss is skipped in train_step
-        return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
-
     def _to_device(self, data: torch.Tensor, target):
         """data and target (a tensor or nnU-Net's deep-supervision list) on the trainer's device."""
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
@@ -195,8 +170,11 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
             return self.loss(self.network(data), target)
 
     def group_focus_predictions(self, batch: dict, group_data: torch.Tensor) -> torch.Tensor:
-        """The Focus's lesion prediction of every group tile, from which the rewards come."""
-        return self._group_predictions(group_data)
+        """The Focus's lesion prediction of every group tile, from which the rewards come: predicted for the tiles
+        a reward can depend on (`focus_tiles`), empty elsewhere."""
+        with self._autocast():   # fp16 on CUDA; past the DDP wrapper: no gradient, ranks may differ in passes
+            return predict_tiles(self.local_network(), group_data, self._foreground, self.batch_size,
+                                 self.focus_tiles(batch), batch.get("group_source"))
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's Focus step on its own batch (`focus_loss`), plus the GRL step of the Glance on the batch's
@@ -221,8 +199,7 @@ class GFScreenTrainer(GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
             with torch.no_grad():
                 ref_logits = self.reference_glance(glance_input).float()
         glance_terms = self.glance_objective(glance_logits, ref_logits, rewards, lesion, group_ids)
-        dense_loss = dense_lesion_loss(dense_logits, gt_fg) if dense_logits is not None \
-            else glance_logits.new_zeros(())
+        dense_loss = self.dense_objective(dense_logits, gt_fg, batch)
         loss = glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
         trained = [(self.policy_glance, self.glance_optimizer)]
         if seg_loss is not None:

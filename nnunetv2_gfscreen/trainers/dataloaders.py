@@ -67,4 +67,6 @@ def group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms
                            self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
                            group_transforms=self.get_group_transforms(mirror_axes),
                            probabilistic_oversampling=self.probabilistic_oversampling,
-                           tile_step_size=self.gfscreen.tile_step_size)
+                           tile_step_size=self.gfscreen.tile_step_size,
+                           per_lesion=bool(self.gfscreen.lesion_slots_per_lesion),
+                           dense_shape=self.dense_weight_shape())

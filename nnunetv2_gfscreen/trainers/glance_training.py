@@ -8,10 +8,13 @@
 - `intensity_augmentation`: the Glance's input gets its own cheap intensity augmentation (contrast,
   brightness, noise) so that it does not key on the exact grey values of the training CTs.
 - `dense_lesion_loss`: the Glance's dense head predicts a coarse lesion map; its target is the lesion
-  mask max-pooled to the map's resolution (a map voxel is lesion if any voxel under it is).
+  mask max-pooled to the map's resolution (a map voxel is lesion if any voxel under it is). With
+  `lesion_map_weights` every lesion in a tile counts equally, not every map voxel: voxel-balanced, a
+  large lesion's hundreds of map voxels drown a small lesion's one or two, and the map (whose maximum
+  enters the select logit) learns the large lesions only.
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,12 +72,55 @@ def intensity_augmentation(x: Tensor, p: float, generator: Optional[torch.Genera
     return x * contrast + brightness + sigma * noise
 
 
-def dense_lesion_loss(dense_logits: Tensor, lesion: Tensor) -> Tensor:
+def lesion_map_weights(lesion_ids: Tensor, map_shape: Sequence[int],
+                       present: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
+    """Weights of the dense map's lesion voxels such that every lesion of a tile weighs 1: (B, 1, *map_shape).
+
+    lesion_ids: (B, 1, D, H, W) integer, 0 where no lesion, k > 0 on the voxels of lesion k. A lesion's
+    footprint on the map is its mask max-pooled as `dense_lesion_loss` pools the target; each of its n map
+    voxels gets 1 / n, summed where lesions share a map voxel. present: per tile, the lesion ids it holds
+    (found with torch.unique if None). Zero where the map voxel holds no lesion.
+    """
+    if lesion_ids.ndim != 5 or lesion_ids.shape[1] != 1:
+        raise ValueError(f"expected lesion ids (B, 1, D, H, W), got {tuple(lesion_ids.shape)}")
+    out = torch.zeros((lesion_ids.shape[0], 1, *map_shape), dtype=torch.float32, device=lesion_ids.device)
+    for b in range(lesion_ids.shape[0]):
+        ids = present[b] if present is not None else [int(i) for i in torch.unique(lesion_ids[b]) if i > 0]
+        for k in ids:
+            footprint = F.adaptive_max_pool3d((lesion_ids[b] == k).float(), tuple(map_shape))
+            n = footprint.sum()
+            if n > 0:
+                out[b] += footprint / n
+    return out
+
+
+def dense_lesion_loss(dense_logits: Tensor, lesion: Tensor, positive_weight: Optional[Tensor] = None,
+                      label_smoothing: float = 0.0) -> Tensor:
     """Class-balanced BCE of the Glance's dense lesion map against the max-pooled lesion mask.
 
     dense_logits: (B, 1, d, h, w); lesion: (B, 1, D, H, W) bool, the tiles' full-resolution lesion mask.
+    Without `positive_weight`: 0.5 mean CE over the lesion map voxels + 0.5 mean CE over the others. With
+    `positive_weight` (B, 1, d, h, w), e.g. `lesion_map_weights`: the lesion voxels' mean is weighted by it,
+    ``sum(w * CE) / sum(w)``; the other voxels' mean is unchanged. With one class only, its mean is returned.
+    `label_smoothing` e: CE targets 1 - e/2 and e/2 (core/grl.balanced_bce says why).
     """
     if dense_logits.ndim != 5 or lesion.ndim != 5 or dense_logits.shape[:2] != lesion.shape[:2]:
         raise ValueError(f"expected (B, 1, *spatial) maps, got {tuple(dense_logits.shape)} and {tuple(lesion.shape)}")
     target = F.adaptive_max_pool3d(lesion.float(), dense_logits.shape[2:])
-    return balanced_bce(dense_logits.float().flatten(), target.flatten(), check_values=False)  # 0/1 by construction
+    if positive_weight is None:   # 0/1 by construction: no value check
+        return balanced_bce(dense_logits.float().flatten(), target.flatten(), check_values=False,
+                            label_smoothing=label_smoothing)
+    if positive_weight.shape != dense_logits.shape:
+        raise ValueError(f"positive_weight must have the map's shape {tuple(dense_logits.shape)}, "
+                         f"got {tuple(positive_weight.shape)}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    smoothed = target * (1 - label_smoothing) + 0.5 * label_smoothing
+    ce = F.binary_cross_entropy_with_logits(dense_logits.float(), smoothed, reduction='none')
+    pos = target > 0
+    w = positive_weight.float() * pos
+    n_neg = (~pos).sum()
+    pos_mean = (ce * w).sum() / w.sum().clamp_min(1e-12)
+    neg_mean = (ce * ~pos).sum() / n_neg.clamp_min(1)
+    # written without branching on values (no host synchronisation)
+    return torch.where(w.sum() == 0, neg_mean, torch.where(n_neg == 0, pos_mean, 0.5 * pos_mean + 0.5 * neg_mean))

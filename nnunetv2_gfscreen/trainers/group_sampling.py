@@ -14,8 +14,16 @@ whole by a random offset of up to half a step per axis, so that lesions sit anyw
 often only as slivers at its edge, as at inference. (Our earlier groups centred forced slots on a
 lesion voxel, which the Glance never sees at inference.) `lesion_share` of the slots are drawn from
 the grid tiles whose *central region* holds lesion (see `central_region`), the rest from all other
-grid tiles, slivers included. Each tile's Glance label (`group_lesion`) is the same central-region
+grid tiles, slivers included. A lesion slot draws a lesion first, uniformly among the case's lesions,
+then a tile whose central region holds it (`draw_per_lesion`, case_lesions.py), so that every lesion,
+however small, is drawn as often; `per_lesion=False` draws uniformly among the lesion tiles found from
+nnU-Net's `class_locations` instead (the earlier sampler, kept for comparison). Each tile's Glance label (`group_lesion`) is the same central-region
 test; the reward stays the paper's (the Focus's prediction overlaps the lesion anywhere in the tile).
+
+The loader also says, per slot, what the trainer needs to skip Focus passes that cannot change a reward:
+whether the tile holds a lesion voxel anywhere (`group_lesion_anywhere`; a tile without one gets reward 0
+whatever the Focus predicts) and which earlier slot holds the very same crop (`group_source`: a case with
+fewer lesion tiles than lesion slots repeats tiles, and an identical input needs one prediction).
 """
 import itertools
 from typing import List, Optional, Sequence, Tuple
@@ -29,6 +37,8 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunetv2_gfscreen.core.coverage import CENTRAL_MARGIN, central_boxes
+from nnunetv2_gfscreen.trainers.case_lesions import LesionCache, lesion_id_crop, lesion_tiles
+from nnunetv2_gfscreen.trainers.glance_training import lesion_map_weights
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
@@ -67,6 +77,17 @@ def central_region(start: Sequence[int], patch_size: Sequence[int], shape: Seque
     return [(int(lo), int(hi)) for lo, hi in central_boxes(box, shape, CENTRAL_MARGIN)[0]]
 
 
+def holds_lesion(segmentation: torch.Tensor, ignore_label: Optional[int]) -> torch.Tensor:
+    """(B,) bool per tile of `segmentation` (B, ...): a voxel labelled lesion (> 0) that is not the ignore label.
+
+    The one test of "this tile's valid ground truth holds lesion" shared by the loader and the trainer: the
+    binary and the Dice reward are 0 on any other tile (core/grl.py), whatever the Focus predicts there."""
+    lesion = segmentation > 0
+    if ignore_label is not None:
+        lesion &= segmentation != ignore_label
+    return lesion.flatten(1).any(1)
+
+
 def lesion_locations(properties: dict) -> np.ndarray:
     """(L, 3) voxel coordinates (z, y, x) of nnU-Net's sampled foreground locations (all labels > 0)."""
     locs = [np.asarray(v)[:, -3:] for k, v in properties['class_locations'].items()
@@ -85,23 +106,46 @@ def tiles_with_lesion(starts: Sequence[Sequence[int]], patch_size: Sequence[int]
     return inside.all(2).any(0)
 
 
+def draw_per_lesion(tiles_per_lesion: Sequence[np.ndarray], n: int, rng) -> List[int]:
+    """n tile indices: each draws a lesion uniformly among those with a tile, then one of its tiles uniformly,
+    preferring tiles not drawn yet (a lesion spanning several tiles shows them in turn)."""
+    lesions = [np.asarray(t) for t in tiles_per_lesion if len(t)]
+    if not lesions:
+        raise ValueError("no lesion has a tile to draw")
+    taken, out = set(), []
+    for _ in range(n):
+        tiles = lesions[rng.randint(len(lesions))]
+        fresh = [int(t) for t in tiles if int(t) not in taken]
+        t = int(rng.choice(fresh if fresh else tiles))
+        taken.add(t)
+        out.append(t)
+    return out
+
+
 class GroupDataLoader(nnUNetDataLoader):
     """nnU-Net's loader (its batch unchanged, for the Focus) that also draws GRL groups of grid tiles.
 
     Each batch dict holds nnU-Net's `data`, `target`, `keys`, plus:
       - `group_data` (G*N, C, *final_patch_size) float32: `groups_per_batch` CTs x `group_size` tiles of the
         case's shifted sliding-window grid (`shifted_grid`), group-major; within a group the last
-        round(N * lesion_share) slots are drawn from the tiles whose central region holds lesion (with
-        replacement if there are fewer; healthy CTs have none), the others from the remaining tiles;
+        round(N * lesion_share) slots are drawn from the tiles whose central region holds lesion (a lesion
+        first, with `per_lesion`; tiles repeat if there are fewer; healthy CTs have none), the others from
+        the remaining tiles;
       - `group_target` (G*N, 1, *final_patch_size) int16, full resolution only (rewards, dense targets);
       - `group_lesion` (G*N,) float32: 1 if the tile's central region holds lesion (the Glance's label);
-      - `group_ids` (G*N,) long; `group_keys`, the CT of each group; `group_starts`, each tile's start (z, y, x).
+      - `group_lesion_anywhere` (G*N,) bool: the tile's target holds a lesion voxel anywhere (`holds_lesion`);
+      - `group_source` (G*N,) long: the first slot of the batch holding the same crop (same CT and start, and
+        equal image and target after the group transforms, i.e. the same mirroring), the slot itself if none;
+      - `group_ids` (G*N,) long; `group_keys`, the CT of each group; `group_starts`, each tile's start (z, y, x);
+      - with `dense_shape` (the Glance's dense map shape), `group_dense_weight` (G*N, 1, *dense_shape) float32:
+        the per-lesion weights of the dense map's lesion voxels (glance_training.lesion_map_weights).
     """
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
                  oversample_foreground_percent: float, group_size: int, groups_per_batch: int, lesion_share: float,
                  transforms=None, group_transforms=None, probabilistic_oversampling: bool = False,
-                 tile_step_size: float = 0.5):
+                 tile_step_size: float = 0.5, per_lesion: bool = True,
+                 dense_shape: Optional[Sequence[int]] = None):
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for a group-relative advantage, got {group_size}")
         if groups_per_batch < 1:
@@ -120,22 +164,29 @@ class GroupDataLoader(nnUNetDataLoader):
         self.lesion_share = lesion_share
         self.tile_step_size = tile_step_size
         self.group_transforms = group_transforms
+        self.ignore_label = label_manager.ignore_label
+        self.per_lesion = per_lesion
+        self.dense_shape = tuple(int(s) for s in dense_shape) if dense_shape is not None else None
+        self.lesions = LesionCache(self.ignore_label)
 
     @property
     def n_lesion_slots(self) -> int:
         """Slots per group drawn from lesion tiles (the last ones): round(N * lesion_share)."""
         return round(self.group_size * self.lesion_share)
 
-    def choose_tiles(self, lesion: np.ndarray) -> List[int]:
+    def choose_tiles(self, lesion: np.ndarray, tiles_per_lesion: Optional[Sequence[np.ndarray]] = None) -> List[int]:
         """Grid tile indices for the group's slots (lesion: (T,) bool per grid tile): others first, then the
-        lesion slots. Without replacement where the grid has enough tiles of the kind."""
+        lesion slots, per lesion (`draw_per_lesion`) when `tiles_per_lesion` is given, else uniformly among the
+        lesion tiles. Without replacement where the grid has enough tiles of the kind."""
         n_lesion_slots = self.n_lesion_slots if lesion.any() else 0
         pos, neg = np.flatnonzero(lesion), np.flatnonzero(~lesion)
         if len(neg) == 0:      # every tile holds lesion: the "other" slots take lesion tiles too
             neg = pos
         n_other = self.group_size - n_lesion_slots
         chosen = [np.random.choice(neg, n_other, replace=len(neg) < n_other)]
-        if n_lesion_slots:
+        if n_lesion_slots and tiles_per_lesion is not None:
+            chosen.append(np.asarray(draw_per_lesion(tiles_per_lesion, n_lesion_slots, np.random), dtype=np.int64))
+        elif n_lesion_slots:
             chosen.append(np.random.choice(pos, n_lesion_slots, replace=len(pos) < n_lesion_slots))
         return [int(i) for i in np.concatenate(chosen)]
 
@@ -157,35 +208,63 @@ class GroupDataLoader(nnUNetDataLoader):
         n = self.group_size * len(cases)
         group_data = group_target = None
         group_lesion = torch.zeros(n, dtype=torch.float32)
+        group_source = torch.arange(n)
         group_starts = []
+        dense_weight = torch.zeros((n, 1, *self.dense_shape)) if self.dense_shape is not None else None
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for g, key in enumerate(cases):
                 data, seg, seg_prev, properties = self._data.load_case(key)   # once per group
+                unique_at = {}                                                   # start -> slots of distinct crops
                 if seg_prev is not None:
                     raise NotImplementedError("GroupDataLoader does not support cascaded data")
                 shape = data.shape[1:]
                 starts = shifted_grid(shape, self.final_patch_size, self.tile_step_size, np.random)
-                lesion = tiles_with_lesion(starts, self.final_patch_size, shape, lesion_locations(properties))
-                for slot, t in enumerate(self.choose_tiles(lesion)):
+                per_lesion = None
+                lesions = self.lesions.get(key, seg) if self.per_lesion or dense_weight is not None else None
+                if self.per_lesion:
+                    per_lesion = lesion_tiles(starts, self.final_patch_size, shape, lesions)
+                    lesion = np.zeros(len(starts), dtype=bool)
+                    for tiles in per_lesion:
+                        lesion[tiles] = True
+                else:
+                    lesion = tiles_with_lesion(starts, self.final_patch_size, shape, lesion_locations(properties))
+                for slot, t in enumerate(self.choose_tiles(lesion, per_lesion)):
                     image, segmentation = self._crop(data, seg, starts[t])
                     group_starts.append(starts[t])
                     i = g * self.group_size + slot
                     # labelled before mirroring: a border side of the central region is not symmetric
                     group_lesion[i] = float(self._central_label(segmentation, starts[t], shape))
+                    present = []
+                    if dense_weight is not None:   # lesion ids ride along as a second channel: mirrored alike
+                        ids, present = lesion_id_crop(lesions, starts[t], self.final_patch_size)
+                        segmentation = torch.cat([segmentation, torch.from_numpy(ids)])
                     if self.group_transforms is not None:
                         out = self.group_transforms(**{'image': image, 'segmentation': segmentation})
                         image, segmentation = out['image'], out['segmentation']
                     if isinstance(segmentation, (list, tuple)):
                         raise ValueError("group_transforms must return the full-resolution segmentation only "
                                          "(no deep-supervision list)")
+                    if dense_weight is not None:
+                        segmentation, ids = segmentation[:1], segmentation[1:]
                     if group_data is None:
                         group_data = torch.empty((n, *image.shape), dtype=torch.float32)
                         group_target = torch.empty((n, *segmentation.shape), dtype=segmentation.dtype)
                     group_data[i] = image
                     group_target[i] = segmentation
+                    same = [j for j in unique_at.get(starts[t], [])
+                            if torch.equal(group_data[j], image) and torch.equal(group_target[j], segmentation)]
+                    if same:
+                        group_source[i] = same[0]
+                    else:
+                        unique_at.setdefault(starts[t], []).append(i)
+                    if dense_weight is not None and present:
+                        dense_weight[i] = dense_weight[same[0]] if same else \
+                            lesion_map_weights(ids[None], self.dense_shape, [present])[0]
         return {'group_data': group_data, 'group_target': group_target, 'group_lesion': group_lesion,
+                'group_lesion_anywhere': holds_lesion(group_target, self.ignore_label), 'group_source': group_source,
                 'group_keys': list(cases), 'group_ids': torch.arange(n) // self.group_size,
-                'group_starts': group_starts}
+                'group_starts': group_starts,
+                **({'group_dense_weight': dense_weight} if dense_weight is not None else {})}
 
     def generate_train_batch(self):
         batch = super().generate_train_batch()   # nnU-Net's Focus batch, unchanged

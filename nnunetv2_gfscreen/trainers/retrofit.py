@@ -111,6 +111,7 @@ class GFScreenTrainer_Retrofit(GFScreenTrainer):
             self.oversample_foreground_percent, self.gfscreen.group_size, self.gfscreen.groups_per_step,
             self.gfscreen.lesion_share, transforms=None, group_transforms=ComposeTransforms([RemoveLabelTansform(-1, 0)]),
             probabilistic_oversampling=self.probabilistic_oversampling, tile_step_size=self.gfscreen.tile_step_size,
+            per_lesion=bool(self.gfscreen.lesion_slots_per_lesion), dense_shape=self.dense_weight_shape(),
             focus_files=self.focus_files)
 
     def on_train_start(self):
