@@ -6,12 +6,18 @@ nnU-Net, so an upgrade that changes one fails a named test instead of misbehavin
 every replacement is installed by an explicit call, for as long as the caller needs it.
 """
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
+import nnunetv2.run.run_training as nnunet_run_training
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 NNUNET_VERSIONS = ">=2.8.1,<2.9"
 
@@ -80,3 +86,71 @@ class PredictorHooks(nnUNetPredictor):
         nnUNetv2_predict lists them (skipping finished cases unless `overwrite`)."""
         return self._manage_input_and_output_lists(input_folder, output_folder, None, overwrite, part_id, num_parts,
                                                    save_probabilities)
+
+
+# ---------------------------------------------------------------------- training
+def dataloaders_with(trainer, build_train_loader: Callable) -> Tuple[object, object]:
+    """nnU-Net's `nnUNetTrainer.get_dataloaders`, with the training data loader built by
+    `build_train_loader(dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes)`.
+
+    Relies on: the transforms, the validation loader and the augmenters that `get_dataloaders` builds (nnU-Net
+    2.8 constructs `nnUNetDataLoader` inside the method, with no hook for another loader class, so its ~30 lines
+    are repeated here) and `_get_deep_supervision_scales`."""
+    if trainer.dataset_class is None:
+        trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
+    patch_size = trainer.configuration_manager.patch_size
+    deep_supervision_scales = trainer._get_deep_supervision_scales()
+    rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    regions = trainer.label_manager.foreground_regions if trainer.label_manager.has_regions else None
+    tr_transforms = trainer.get_training_transforms(
+        patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+        use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm, is_cascaded=trainer.is_cascaded,
+        foreground_labels=trainer.label_manager.foreground_labels, regions=regions,
+        ignore_label=trainer.label_manager.ignore_label)
+    val_transforms = trainer.get_validation_transforms(
+        deep_supervision_scales, is_cascaded=trainer.is_cascaded,
+        foreground_labels=trainer.label_manager.foreground_labels, regions=regions,
+        ignore_label=trainer.label_manager.ignore_label)
+    dataset_tr, dataset_val = trainer.get_tr_and_val_datasets()
+    dl_tr = build_train_loader(dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes)
+    dl_val = nnUNetDataLoader(dataset_val, trainer.batch_size, patch_size, patch_size, trainer.label_manager,
+                              oversample_foreground_percent=trainer.oversample_foreground_percent,
+                              transforms=val_transforms, probabilistic_oversampling=trainer.probabilistic_oversampling)
+    n_proc = get_allowed_n_proc_DA()
+    if n_proc == 0:
+        mt_gen_train, mt_gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+    else:
+        pin = trainer.device.type == "cuda"
+        mt_gen_train = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002)
+        mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None,
+                                                  pin, 0.002)
+    _ = next(mt_gen_train)
+    _ = next(mt_gen_val)
+    return mt_gen_train, mt_gen_val
+
+
+def per_rank_batch_and_loss(trainer) -> None:
+    """nnU-Net's DDP set-up of the Focus: each rank's share of the batch and oversampling, and the loss whose
+    Dice terms are gathered across ranks. Relies on `_set_batch_size_and_oversample` and `_build_loss` (which
+    `initialize` calls only when `is_ddp` is set while it runs; GF-Screen wraps its two networks itself)."""
+    trainer._set_batch_size_and_oversample()
+    trainer.loss = trainer._build_loss()
+
+
+def use_local_logger(trainer, local_logger) -> None:
+    """Log through `local_logger` (a subclass of nnU-Net's LocalLogger that knows GF-Screen's keys). Relies on
+    nnU-Net's MetaLogger delegating log/get_value/plot/checkpoint to its `local_logger` attribute."""
+    trainer.logger.local_logger = local_logger
+
+
+def use_pretrained_weights_loader(loader: Callable) -> None:
+    """Make `nnUNetv2_train -pretrained_weights` call `loader(network, fname, verbose)` (idempotent).
+
+    Relies on: `run_training.maybe_load_checkpoint` calls the module-level `load_pretrained_weights` of
+    nnunetv2.run.run_training, with no hook; nnU-Net's function asserts that every key of the network is in the
+    file, which a GFScreenNetwork (keys focus.*, glance.*, gate.*) never satisfies for a plain nnU-Net checkpoint.
+    GFScreenTrainer installs it when it is constructed (run_training constructs the trainer before it loads
+    weights); `loader` passes every other network to nnU-Net's own function."""
+    if nnunet_run_training.load_pretrained_weights is not loader:
+        nnunet_run_training.load_pretrained_weights = loader

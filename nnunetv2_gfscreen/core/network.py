@@ -19,7 +19,8 @@ what they call, so the Glance and the Focus stay compiled and nothing recompiles
 """
 import itertools
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -64,6 +65,14 @@ class _MirroredCopies:
         self.tiles, self.selected, self.threshold, self._next = x, selected, threshold.clone(), 0
 
 
+@dataclass
+class PretrainedFocus:
+    """Where the Focus's weights came from: a checkpoint file (or "resumed checkpoint") and the test-time mirroring
+    axes of that model."""
+    file: str
+    mirroring_axes: Optional[Tuple[int, ...]] = None
+
+
 class GFScreenNetwork(nn.Module):
     def __init__(self, focus: nn.Module, glance: nn.Module, num_classes: int, rule: GateRule = GateRule()):
         super().__init__()
@@ -73,6 +82,11 @@ class GFScreenNetwork(nn.Module):
         self.gate = Gate(rule)  # saved with the weights, so both predictors find the calibrated rule
         self.gating_enabled = True
         self._copies = _MirroredCopies()
+        # set when the Focus's weights were loaded from a trained model (-pretrained_weights, trainers/pretrained.py;
+        # not saved): the source file and its test-time mirroring axes; and whether that load must take every Focus
+        # key (the retrofit reproduces the source model exactly)
+        self.pretrained_focus: Optional[PretrainedFocus] = None
+        self.pretrained_focus_strict = False
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nnU-Net loads each fold's weights before its sliding window: a new fold forgets the last decision."""

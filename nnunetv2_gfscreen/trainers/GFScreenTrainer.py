@@ -28,14 +28,15 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_gfscreen.core.glance import build_glance
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
+from nnunetv2_gfscreen.nnunet_adapters import dataloaders_with, use_local_logger, use_pretrained_weights_loader
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
-from nnunetv2_gfscreen.trainers.dataloaders import build_dataloaders, group_loader, group_transforms
 from nnunetv2_gfscreen.trainers.focus_passes import predict_tiles
-from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader
+from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader, group_transforms
 from nnunetv2_gfscreen.trainers.glance_training import cosine_lr, ema_decay, ema_update, intensity_augmentation
 from nnunetv2_gfscreen.trainers.objectives import GlanceObjectiveMixin
+from nnunetv2_gfscreen.trainers.pretrained import load_pretrained_weights_gfscreen
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
 from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 
@@ -56,7 +57,8 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
         self._refuse_unsupported_modes()
         plans_settings = self.configuration_manager.configuration.get("gfscreen", {}) or {}
         self.gfscreen = GFScreenSettings.from_dict({**plans_settings, **self.settings_overrides})
-        self.logger.local_logger = GFScreenLocalLogger()
+        use_local_logger(self, GFScreenLocalLogger())
+        use_pretrained_weights_loader(load_pretrained_weights_gfscreen)  # -pretrained_weights (pretrained.py)
         self.glance_optimizer: Optional[torch.optim.Optimizer] = None
         self.policy_glance: Optional[nn.Module] = None       # the Glance that GRL trains
         self.reference_glance: Optional[nn.Module] = None    # pi_ref, refreshed from the policy every epoch
@@ -128,17 +130,25 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):
-        """nnU-Net's loaders, except that training batches are groups of sub-volumes per CT (dataloaders.py)."""
-        return build_dataloaders(self)
+        """nnU-Net's loaders, except that the training loader also draws the GRL groups (`build_group_loader`)."""
+        return dataloaders_with(self, self.build_group_loader)
 
     def build_group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms,
                            mirror_axes) -> GroupDataLoader:
-        """The training loader (nnU-Net's Focus batch plus the GRL groups); variants may return a subclass."""
-        return group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes)
+        """The training loader: nnU-Net's Focus batch plus the GRL groups (group_sampling.py); variants may
+        return a subclass."""
+        return GroupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                               self.oversample_foreground_percent, self.gfscreen.group_size,
+                               self.gfscreen.groups_per_step, self.gfscreen.lesion_share, transforms=tr_transforms,
+                               group_transforms=self.get_group_transforms(mirror_axes),
+                               probabilistic_oversampling=self.probabilistic_oversampling,
+                               tile_step_size=self.gfscreen.tile_step_size,
+                               per_lesion=bool(self.gfscreen.lesion_slots_per_lesion),
+                               dense_shape=self.dense_weight_shape())
 
     @staticmethod
     def get_group_transforms(mirror_axes) -> ComposeTransforms:
-        """Transforms of the GRL group's sub-volumes (dataloaders.group_transforms)."""
+        """Transforms of the GRL group's sub-volumes (group_sampling.group_transforms)."""
         return group_transforms(mirror_axes)
 
     # ------------------------------------------------------------------ training

@@ -1,5 +1,4 @@
 """GF-Screen trainers; `-tr NAME` finds every class exported here (see ext_trainer/)."""
-from nnunetv2_gfscreen.trainers import pretrained
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
 from nnunetv2_gfscreen.trainers.retrofit import GFScreenTrainer_Retrofit
 from nnunetv2_gfscreen.trainers.variants import (
@@ -12,6 +11,3 @@ from nnunetv2_gfscreen.trainers.variants import (
 
 __all__ = ["GFScreenTrainer", "GFScreenTrainer_BalancedCE", "GFScreenTrainer_DiceReward", "GFScreenTrainer_Group4",
            "GFScreenTrainer_NoAlphaCE", "GFScreenTrainer_PlainCE", "GFScreenTrainer_Retrofit"]
-
-# `-pretrained_weights` from a plain nnU-Net checkpoint into the Focus (see pretrained.py for why this is a wrapper)
-pretrained.install()

@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2_gfscreen.nnunet_adapters import per_rank_batch_and_loss
+
 
 class _DenseForward(nn.Module):
     """Routes the Glance's `forward_dense` through `forward`, the only method a DDP wrapper hooks."""
@@ -72,8 +74,7 @@ class GFScreenDDPMixin:
         self._policy_wrapper = self.policy_glance
         if not ddp:
             return
-        self._set_batch_size_and_oversample()   # nnU-Net's per-rank share of the Focus batch
-        self.loss = self._build_loss()          # Dice terms gathered across ranks (nnU-Net's 'ddp' flag)
+        per_rank_batch_and_loss(self)  # nnU-Net's per-rank share of the Focus batch, Dice gathered across ranks
         self.network = _ddp(nn.SyncBatchNorm.convert_sync_batchnorm(self.network), self.device)
         self._policy_wrapper = _ddp(_DenseForward(self.policy_glance), self.device)
         self.print_to_log_file(f"DDP rank {self.local_rank}/{dist.get_world_size()}: Focus batch {self.batch_size}, "

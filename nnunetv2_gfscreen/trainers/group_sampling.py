@@ -34,6 +34,9 @@ from threadpoolctl import threadpool_limits
 
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunetv2_gfscreen.core.coverage import CENTRAL_MARGIN, central_boxes
@@ -270,3 +273,10 @@ class GroupDataLoader(nnUNetDataLoader):
         batch = super().generate_train_batch()   # nnU-Net's Focus batch, unchanged
         batch.update(self.generate_groups())
         return batch
+
+
+def group_transforms(mirror_axes) -> ComposeTransforms:
+    """Transforms of the GRL group's sub-volumes: mirroring (if the trainer mirrors) and nnU-Net's clean-up of
+    the padding label; no intensity or spatial augmentation, so they look like the tiles seen at inference."""
+    mirror = [MirrorTransform(allowed_axes=mirror_axes)] if mirror_axes else []
+    return ComposeTransforms(mirror + [RemoveLabelTansform(-1, 0)])

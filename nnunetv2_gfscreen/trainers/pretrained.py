@@ -3,14 +3,15 @@
 nnU-Net's `load_pretrained_weights(network, fname)` (nnunetv2/run/load_pretrained_weights.py) asserts that
 every key of the network is in the file, so a dense nnU-Net checkpoint (keys `encoder.*`, `decoder.*`) cannot
 initialise a `GFScreenNetwork` (keys `focus.*`, `glance.*`, `threshold`). nnU-Net offers no hook for this:
-`run_training.maybe_load_checkpoint` calls the module-level function directly. So importing our trainers
-wraps that one name in `nnunetv2.run.run_training`: for a GFScreenNetwork the file's weights go into the
+`run_training.maybe_load_checkpoint` calls the module-level function directly. So GFScreenTrainer, when it is
+constructed, points that one name at `load_pretrained_weights_gfscreen` (nnunet_adapters.use_pretrained_weights_loader):
+for a GFScreenNetwork the file's weights go into the
 Focus (nnU-Net's own function applied to the Focus submodule, same rules: seg layers skipped, shapes
 checked), the Glance keeps its fresh initialisation; every other network goes to nnU-Net's function
 unchanged. A GF-Screen checkpoint (`focus.*` keys) is loaded the nnU-Net way, into the whole module.
 
 A network with `pretrained_focus_strict = True` (the retrofit trainer sets it) takes the Focus strictly,
-segmentation layers included, and remembers the source's test-time mirroring axes (`source_mirroring_axes`):
+segmentation layers included, and remembers the source's test-time mirroring axes (`pretrained_focus`):
 the retrofit must reproduce the source model's output exactly.
 """
 import hashlib
@@ -19,10 +20,9 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-import nnunetv2.run.run_training as nnunet_run_training
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as nnunet_load_pretrained_weights
 
-from nnunetv2_gfscreen.core.network import GFScreenNetwork, unwrap_module
+from nnunetv2_gfscreen.core.network import GFScreenNetwork, PretrainedFocus, unwrap_module
 
 FOCUS_PREFIX = "focus."
 
@@ -70,21 +70,16 @@ def load_pretrained_weights_gfscreen(network: nn.Module, fname: str, verbose: bo
         return nnunet_load_pretrained_weights(network, fname, verbose)
     checkpoint = torch.load(fname, map_location="cpu", weights_only=False)
     weights = checkpoint["network_weights"]
-    if getattr(mod, "pretrained_focus_strict", False):
+    if mod.pretrained_focus_strict:
         load_focus_strict(mod, weights, fname)
         # the source model's test-time mirroring, so that predictions with every tile selected stay identical
-        mod.source_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes")
+        mirroring = checkpoint.get("inference_allowed_mirroring_axes")
+        mod.pretrained_focus = PretrainedFocus(fname, None if mirroring is None else tuple(mirroring))
         print(f"GF-Screen: Focus loaded from {fname} (all keys, segmentation layers included)")
     elif is_gfscreen_state_dict(weights):
         nnunet_load_pretrained_weights(mod, fname, verbose)
     else:
         nnunet_load_pretrained_weights(mod.focus, fname, verbose)
         print(f"GF-Screen: Focus initialised from the nnU-Net checkpoint {fname}; the Glance starts fresh")
-    mod.pretrained_focus_file = fname
-
-
-def install() -> None:
-    """Point `nnunetv2.run.run_training.load_pretrained_weights` at the GF-Screen-aware loader (idempotent)."""
-    current: Callable = nnunet_run_training.load_pretrained_weights
-    if current is not load_pretrained_weights_gfscreen:
-        nnunet_run_training.load_pretrained_weights = load_pretrained_weights_gfscreen
+    if mod.pretrained_focus is None:
+        mod.pretrained_focus = PretrainedFocus(fname)

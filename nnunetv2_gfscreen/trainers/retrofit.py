@@ -27,6 +27,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
+from nnunetv2_gfscreen.core.network import PretrainedFocus
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
 from nnunetv2_gfscreen.trainers.focus_cache import build_focus_cache, cache_fingerprint, cache_folder, load_foreground
 from nnunetv2_gfscreen.trainers.glance_training import cosine_lr
@@ -94,15 +95,15 @@ class GFScreenTrainer_Retrofit(GFScreenTrainer):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         net = self._gfscreen_network()
-        net.pretrained_focus_file = "resumed checkpoint"
-        net.source_mirroring_axes = self.inference_allowed_mirroring_axes
+        axes = self.inference_allowed_mirroring_axes
+        net.pretrained_focus = PretrainedFocus("resumed checkpoint", None if axes is None else tuple(axes))
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's, except that inference mirrors as the source model did (stored with the checkpoint)."""
         out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         net = self._gfscreen_network()
-        if hasattr(net, "source_mirroring_axes"):
-            self.inference_allowed_mirroring_axes = net.source_mirroring_axes
+        if net.pretrained_focus is not None:
+            self.inference_allowed_mirroring_axes = net.pretrained_focus.mirroring_axes
         return out
 
     def build_group_loader(self, dataset_tr, initial_patch_size, patch_size, tr_transforms, mirror_axes):
@@ -118,7 +119,7 @@ class GFScreenTrainer_Retrofit(GFScreenTrainer):
         if not self.was_initialized:
             self.initialize()
         net = self._gfscreen_network()
-        if getattr(net, "pretrained_focus_file", None) is None:
+        if net.pretrained_focus is None:
             raise RuntimeError(f"{self.__class__.__name__} trains a Glance for an already trained Focus, but no Focus "
                                f"was loaded: run nnUNetv2_gfscreen_retrofit, or nnUNetv2_train with "
                                f"-pretrained_weights <trained model>/fold_X/checkpoint_final.pth")
@@ -144,7 +145,7 @@ class GFScreenTrainer_Retrofit(GFScreenTrainer):
             files = build_focus_cache(net.focus.eval(), dataset, list(dataset.identifiers), folder, fingerprint,
                                       self.plans_manager, self.configuration_manager, self.dataset_json,
                                       self.gfscreen.tile_step_size, self.device, log=self.print_to_log_file,
-                                      source={"checkpoint": str(net.pretrained_focus_file)})
+                                      source={"checkpoint": str(net.pretrained_focus.file)})
         finally:
             net.focus.decoder.deep_supervision = deep_supervision
         self.print_to_log_file(f"GF-Screen retrofit: Focus cache ready in {time.time() - start:.1f} s")
