@@ -113,14 +113,20 @@ def main() -> None:
                         help=f"write the trained model to {DEMO_MODEL_DIR} for the demo")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="GF-Screen settings for an ablation arm, on top of the demo's (e.g. glance_dense_weight=0)")
+    parser.add_argument("--trainer", type=str, default=SETTINGS.trainer,
+                        help="the trainer to train: GFScreenTrainer_DemoLong (the method) or an ablation arm on the "
+                             "same schedule, <arm>_DemoLong (gfscreen_lab/trainers.py, e.g. "
+                             f"GFScreenTrainer_DenseOnly_DemoLong). Default: {SETTINGS.trainer}")
     parser.add_argument("--lesion_boost_hu", type=float, default=SETTINGS.lesion_boost_hu,
                         help="HU added inside the lesion label of every training and test image; a --model must have "
                              f"been trained with the same. Default: {SETTINGS.lesion_boost_hu:g}")
     parser.add_argument("--sets", nargs="+", default=None, metavar="KEY",
                         help=f"only these test sets (of {', '.join(ts.key for ts in TEST_SETS)}). Default: all")
     args = parser.parse_args()
-    if args.model and (args.set or args.export_demo_model):
-        parser.error("--model evaluates a trained model: it takes no --set arm and exports nothing")
+    if args.model and (args.set or args.export_demo_model or args.trainer != SETTINGS.trainer):
+        parser.error("--model evaluates a trained model: it takes no --set or --trainer arm and exports nothing")
+    if args.trainer != SETTINGS.trainer and args.export_demo_model:
+        parser.error("an ablation arm (--trainer) is not the demo's model; drop --export_demo_model")
     t0 = time.perf_counter()
     root = Path(args.o)
     root.mkdir(parents=True, exist_ok=True)
@@ -137,7 +143,7 @@ def main() -> None:
         r.install_model(Path(args.model).resolve(), trainer)
         train_minutes = None
     else:
-        trainer = settings.trainer
+        trainer = args.trainer
         r.make_dataset()
         r.boost_lesions()
         r.plan_and_preprocess()

@@ -11,14 +11,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
 from nnunetv2_gfscreen.trainers.retrofit import GFScreenTrainer_Retrofit
-from nnunetv2_gfscreen.trainers.variants import (GFScreenTrainer_BalancedCE, GFScreenTrainer_DiceReward,
-                                                 GFScreenTrainer_Group4, GFScreenTrainer_NoAlphaCE,
-                                                 GFScreenTrainer_PlainCE)
+from nnunetv2_gfscreen.trainers.variants import (GFScreenTrainer_DenseBalancedCE, GFScreenTrainer_DenseOnly,
+                                                 GFScreenTrainer_DiceReward, GFScreenTrainer_Group4,
+                                                 GFScreenTrainer_NoAlphaCE, GFScreenTrainer_NoDenseMap)
 
-__all__ = ["GFScreenTrainer_Tiny", "GFScreenTrainer_Demo", "GFScreenTrainer_DemoLong",
-           "GFScreenTrainer_Short", "GFScreenTrainer_PlainCE_Short", "GFScreenTrainer_BalancedCE_Short",
-           "GFScreenTrainer_DiceReward_Short", "GFScreenTrainer_NoAlphaCE_Short", "GFScreenTrainer_Group4_Short",
-           "nnUNetTrainer_ShortCPU", "GFScreenTrainer_Retrofit_Tiny"]
+ARMS = (GFScreenTrainer_DenseOnly, GFScreenTrainer_DenseBalancedCE, GFScreenTrainer_NoDenseMap,
+        GFScreenTrainer_DiceReward, GFScreenTrainer_NoAlphaCE, GFScreenTrainer_Group4)
 
 
 class ShortSchedule:
@@ -61,30 +59,41 @@ class GFScreenTrainer_DemoLong(GFScreenTrainer_Demo):
     short_epochs = 80
 
 
-# `python -m gfscreen_lab.experiments.ablation --quick`: every arm on the same short schedule (ShortSchedule's
-# defaults), so the arms differ only in the hook their full-length variant overrides.
+# Every ablation arm on two schedules, so that arms differ only in the hook their product class overrides:
+# `<arm>_Short` (ShortSchedule's defaults; `python -m gfscreen_lab.experiments.ablation --quick`) and
+# `<arm>_DemoLong` (the method benchmark's schedule and settings: `benchmarks/learning_check.py --trainer`).
 class GFScreenTrainer_Short(ShortSchedule, GFScreenTrainer):
-    """The full method (GRL + binary reward + alpha CE), short schedule."""
+    """The full method (GRL + binary reward + alpha CE + dense map), short schedule."""
 
 
-class GFScreenTrainer_PlainCE_Short(ShortSchedule, GFScreenTrainer_PlainCE):
-    """Plain CE Glance, short schedule."""
+def _schedule_variant(arm: type, schedule: type, suffix: str) -> type:
+    overrides = {**getattr(schedule, "settings_overrides", {}), **arm.settings_overrides}
+    doc = f"{(arm.__doc__ or arm.__name__).strip().splitlines()[0]} ({suffix.strip('_')} schedule)"
+    return type(arm.__name__ + suffix, (schedule, arm), {"settings_overrides": overrides, "__doc__": doc,
+                                                          "__module__": __name__})
 
 
-class GFScreenTrainer_BalancedCE_Short(ShortSchedule, GFScreenTrainer_BalancedCE):
-    """Class-balanced CE Glance, short schedule."""
+class _ShortArm(ShortSchedule):
+    pass
 
 
-class GFScreenTrainer_DiceReward_Short(ShortSchedule, GFScreenTrainer_DiceReward):
-    """GRL with the Dice reward, short schedule."""
+class _DemoLongArm(ShortSchedule):
+    short_epochs, short_iterations, short_val_iterations, short_save_every = \
+        GFScreenTrainer_DemoLong.short_epochs, GFScreenTrainer_DemoLong.short_iterations, \
+        GFScreenTrainer_DemoLong.short_val_iterations, GFScreenTrainer_DemoLong.short_save_every
+    settings_overrides = dict(GFScreenTrainer_DemoLong.settings_overrides)
 
 
-class GFScreenTrainer_NoAlphaCE_Short(ShortSchedule, GFScreenTrainer_NoAlphaCE):
-    """GRL with the binary reward and no alpha CE, short schedule."""
+ARM_VARIANTS = {}
+for _arm in ARMS:
+    for _schedule, _suffix in ((_ShortArm, "_Short"), (_DemoLongArm, "_DemoLong")):
+        _cls = _schedule_variant(_arm, _schedule, _suffix)
+        ARM_VARIANTS[_cls.__name__] = _cls
+        globals()[_cls.__name__] = _cls
 
 
-class GFScreenTrainer_Group4_Short(ShortSchedule, GFScreenTrainer_Group4):
-    """The full method with groups of 4, short schedule."""
+__all__ = ["GFScreenTrainer_Tiny", "GFScreenTrainer_Demo", "GFScreenTrainer_DemoLong", "GFScreenTrainer_Short",
+           *ARM_VARIANTS, "nnUNetTrainer_ShortCPU", "GFScreenTrainer_Retrofit_Tiny"]
 
 
 # ---------------------------------------------------------------------- the retrofit test's two trainers

@@ -105,7 +105,7 @@ def test_lab_commands_run_as_modules_under_their_program_names(module, prog):
 
 def test_select_arms_covers_the_paper_ablation_and_quick_names():
     assert [t for _, t in select_arms(None, False)] == [t for _, t in ARMS]
-    assert len(ARMS) == 6
+    assert len(ARMS) == 7
     quick = select_arms(["GFScreenTrainer", "GFScreenTrainer_Group4"], True)
     assert [t for _, t in quick] == ["GFScreenTrainer" + QUICK_SUFFIX, "GFScreenTrainer_Group4" + QUICK_SUFFIX]
     with pytest.raises(ValueError, match="GFScreenTrainer_Nope"):
@@ -120,17 +120,23 @@ def test_quick_arms_exist_and_keep_their_ablation_switch():
         short = getattr(lab_trainers, full_name + QUICK_SUFFIX)
         full = getattr(trainers, full_name)
         assert issubclass(short, full) and issubclass(short, ShortSchedule)
-        for hook in ("compute_rewards", "grl_alpha", "glance_objective"):
+        for hook in ("compute_rewards", "grl_alpha", "glance_objective", "dense_objective", "dense_map_weight"):
             assert getattr(short, hook) is getattr(full, hook), (full_name, hook)
         assert short.settings_overrides == full.settings_overrides
         assert (short.short_epochs, short.short_iterations) == (ShortSchedule.short_epochs,
                                                                 ShortSchedule.short_iterations)
+        if full_name != "GFScreenTrainer":  # the method benchmark's schedule of every arm: DemoLong's
+            long = getattr(lab_trainers, full_name + "_DemoLong")
+            assert issubclass(long, full) and (long.short_epochs, long.short_iterations) == \
+                (lab_trainers.GFScreenTrainer_DemoLong.short_epochs, lab_trainers.GFScreenTrainer_DemoLong.short_iterations)
+            assert long.settings_overrides == {**lab_trainers.GFScreenTrainer_DemoLong.settings_overrides,
+                                               **full.settings_overrides}
 
 
 def test_ablation_table_formats_percentages_and_missing_values():
     agg = {"dsc_mean": 0.5, "nsd_mean": 0.25, "lesion_sensitivity": 2 / 3, "fp_per_case": 1.5,
            "selection_ratio_mean": 0.125, "tile_sensitivity": 1.0}
-    table = format_ablation_table([("GRL", "GFScreenTrainer", agg), ("plain CE", "GFScreenTrainer_PlainCE", {})])
+    table = format_ablation_table([("GRL", "GFScreenTrainer", agg), ("dense map alone", "GFScreenTrainer_DenseOnly", {})])
     lines = table.strip().split("\n")
     assert len(lines) == 4 and lines[0].count("|") == len(ABLATION_COLUMNS) + 3
     assert lines[2] == "| GRL | `GFScreenTrainer` | 50.0 | 25.0 | 66.7 | 1.50 | 12.5 | 100.0 | n/a |"

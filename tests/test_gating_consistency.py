@@ -142,7 +142,7 @@ def _flat(probabilities: np.ndarray) -> np.ndarray:
 
 
 def test_saved_probabilities_are_certain_background_where_no_selected_tile_reaches(planned_dataset, tmp_path):
-    model_folder, _ = make_model_folder(planned_dataset, "GFScreenTrainer_BalancedCE", seed=5)  # a folder of its own
+    model_folder, _ = make_model_folder(planned_dataset, "GFScreenTrainer_DenseBalancedCE", seed=5)  # a folder of its own
     image = sorted((planned_dataset["raw_folder"] / "imagesTs").glob("*_0000.nii.gz"))[0]
     ours = GFScreenPredictor(device=CPU, use_mirroring=False, allow_tqdm=False, torch_io='off', dense=True,
                              score_dense=True, border_growth=False)
@@ -200,7 +200,7 @@ def test_predict_gfscreen_with_two_folds_gates_once(planned_dataset, tmp_path, m
     from tests.toy_models import patch_nnunet_paths, write_rule
 
     patch_nnunet_paths(monkeypatch, planned_dataset["root"])
-    trainer = "GFScreenTrainer_PlainCE"  # same network; a model folder of its own
+    trainer = "GFScreenTrainer_DenseOnly"  # same network; a model folder of its own
     image = sorted((planned_dataset["raw_folder"] / "imagesTs").glob("*_0000.nii.gz"))[0]
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -52,36 +52,63 @@ def test_the_logit_bound_comes_from_the_plans(planned_dataset):
 
 
 def test_ablation_arms_change_only_their_hook():
+    """Arm by arm, which loss terms are non-zero on a toy batch, and that nothing else changed."""
     from nnunetv2_gfscreen.core.grl import balanced_bce, detection_reward, dice_reward
-    from nnunetv2_gfscreen.trainers import (GFScreenTrainer_BalancedCE, GFScreenTrainer_DiceReward,
-                                            GFScreenTrainer_NoAlphaCE, GFScreenTrainer_PlainCE)
+    from nnunetv2_gfscreen.plans.settings import GFScreenSettings
+    from nnunetv2_gfscreen.trainers import (GFScreenTrainer_DenseBalancedCE, GFScreenTrainer_DenseOnly,
+                                            GFScreenTrainer_DiceReward, GFScreenTrainer_NoAlphaCE,
+                                            GFScreenTrainer_NoDenseMap)
 
-    class Settings:  # what the hooks read
-        alpha, clip_eps, beta, dual_clip, glance_label_smoothing = 0.5, 0.2, 0.04, 0.0, 0.0
+    settings = GFScreenSettings.from_dict({"alpha": 0.5, "clip_eps": 0.2, "beta": 0.04, "dual_clip": 0,
+                                           "glance_dense_per_lesion": 0})
 
     def run(cls):
         t = cls.__new__(cls)  # the hooks need no nnU-Net state
-        t.gfscreen = Settings()
+        t.gfscreen = settings
         rewards = t.compute_rewards(pred, gt, valid)
-        return rewards, t.grl_alpha(), t.glance_objective(logits, logits.detach(), rewards, lesion, groups)
+        terms = t.glance_objective(logits, ref, rewards, lesion, groups)
+        dense = t.dense_objective(dense_logits, gt, {})
+        return rewards, t.grl_alpha(), terms, dense, t.dense_map_weight()
 
     g = torch.Generator().manual_seed(0)
     pred, gt = torch.rand(8, 1, 4, 4, 4, generator=g) > 0.7, torch.rand(8, 1, 4, 4, 4, generator=g) > 0.8
+    gt[[1, 2, 5, 6]] = False  # tiles without lesion: rewards differ within each group of 4
     valid = torch.ones_like(gt)
     logits, lesion = torch.randn(8, generator=g), (torch.rand(8, generator=g) > 0.5).float()
+    ref = logits.detach() + 0.3 * torch.randn(8, generator=g)  # the policy has moved away from the reference
+    dense_logits = torch.randn(8, 1, 2, 2, 2, generator=g)
     groups = torch.arange(8) // 4
-    base_r, base_a, base_terms = run(GFScreenTrainer)
-    assert torch.equal(base_r, detection_reward(pred, gt, valid)) and base_a == 0.5
-    r, _, _ = run(GFScreenTrainer_DiceReward)
+    nonzero = lambda terms, dense, w: {k for k, v in terms.items() if k != "grl_losses" and float(v) != 0} | \
+        ({"dense"} if float(dense) * w != 0 else set())  # noqa: E731
+    base_r, base_a, base_terms, base_dense, base_w = run(GFScreenTrainer)
+    assert torch.equal(base_r, detection_reward(pred, gt, valid)) and base_a == 0.5 and base_w == 1.0
+    assert nonzero(base_terms, base_dense, base_w) == {"grl_clip", "grl_kl", "grl_ce", "dense"}
+    expected = {  # arm: the loss terms left, everything else as the default
+        GFScreenTrainer_DenseOnly: {"dense"},
+        GFScreenTrainer_DenseBalancedCE: {"grl_ce", "dense"},
+        GFScreenTrainer_NoDenseMap: {"grl_clip", "grl_kl", "grl_ce"},
+        GFScreenTrainer_NoAlphaCE: {"grl_clip", "grl_kl", "dense"},
+        GFScreenTrainer_DiceReward: {"grl_clip", "grl_kl", "grl_ce", "dense"},
+    }
+    for arm, left in expected.items():
+        r, a, terms, dense, w = run(arm)
+        assert nonzero(terms, dense, w) == left, arm.__name__
+        assert torch.equal(dense, base_dense)  # the dense map's loss itself is never changed, only its weight
+    r, _, terms, _, _ = run(GFScreenTrainer_DiceReward)
     assert torch.equal(r, dice_reward(pred, gt, valid)) and not torch.equal(r, base_r)
-    r, a, terms = run(GFScreenTrainer_NoAlphaCE)
-    assert torch.equal(r, base_r) and a == 0.0
-    assert torch.isclose(terms["grl_losses"], base_terms["grl_losses"] - 0.5 * base_terms["grl_ce"])
-    _, _, terms = run(GFScreenTrainer_PlainCE)
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, lesion)
-    assert torch.equal(terms["grl_losses"], expected) and terms["grl_kl"] == 0
-    _, _, terms = run(GFScreenTrainer_BalancedCE)
-    assert torch.equal(terms["grl_losses"], balanced_bce(logits, lesion))
+    _, a, terms, _, _ = run(GFScreenTrainer_NoAlphaCE)
+    assert a == 0.0 and torch.isclose(terms["grl_losses"], base_terms["grl_losses"] - 0.5 * base_terms["grl_ce"])
+    _, _, terms, _, _ = run(GFScreenTrainer_DenseBalancedCE)
+    assert torch.isclose(terms["grl_losses"], 0.5 * balanced_bce(logits, lesion)) and \
+        torch.isclose(terms["grl_ce"], base_terms["grl_ce"])
+
+
+def test_without_the_dense_map_the_select_logit_does_not_start_from_it():
+    from nnunetv2_gfscreen.core.glance import build_glance
+    glance = build_glance(1, (16, 32, 32), base_features=4)
+    assert float(glance.head.weight[0, -2]) == 1.0
+    glance.detach_select_logit_from_dense_map()
+    assert torch.all(glance.head.weight[0, -2:] == 0) and glance.head.weight.shape[1] > 2  # same shape
 
 
 def test_train_step_trains_focus_on_nnunets_batch_and_glance_on_the_group(planned_dataset, monkeypatch, tmp_path):

@@ -1,8 +1,9 @@
 """`python -m gfscreen_lab.experiments.ablation` (nnUNetv2_gfscreen_ablation): the paper's Glance ablation,
 re-run on synthetic CT.
 
-Arms (docs/method.md, section 4): plain CE, class-balanced CE, GRL with the Dice reward, GRL with the binary
-reward, GRL + binary reward + alpha CE (GF-Screen), and GF-Screen with groups of 4 instead of 16.
+Arms (nnunetv2_gfscreen/trainers/variants.py; each changes one thing against the default): the default (GRL +
+binary reward + alpha CE + dense map), the dense map alone, the dense map + balanced CE without GRL, GRL without the
+dense map, the Dice reward, GRL without the CE term, and groups of 4 instead of 16.
 Every arm trains on the same planned dataset (the demo's steps), gets its gate calibrated to the
 same lesion-level sensitivity on its validation cases (or a fixed `--threshold`), predicts the test cases
 gated and is evaluated; one Markdown table and one JSON hold the results.
@@ -20,12 +21,13 @@ from gfscreen_lab.experiments.runner import FULL, DemoSettings, Runner, machine_
 
 # (method as in the paper's ablation table, full-length trainer); --quick appends "_Short"
 ARMS: Tuple[Tuple[str, str], ...] = (
-    ("plain CE", "GFScreenTrainer_PlainCE"),
-    ("balanced CE", "GFScreenTrainer_BalancedCE"),
-    ("GRL + Dice reward", "GFScreenTrainer_DiceReward"),
-    ("GRL + binary reward", "GFScreenTrainer_NoAlphaCE"),
-    ("GRL + binary reward + alpha CE (GF-Screen, N=16)", "GFScreenTrainer"),
-    ("GF-Screen, group size N=4", "GFScreenTrainer_Group4"),
+    ("GRL + binary reward + alpha CE + dense map (default, N=16)", "GFScreenTrainer"),
+    ("dense map alone (no GRL, no CE)", "GFScreenTrainer_DenseOnly"),
+    ("dense map + balanced CE (no GRL)", "GFScreenTrainer_DenseBalancedCE"),
+    ("GRL + binary reward + alpha CE, no dense map", "GFScreenTrainer_NoDenseMap"),
+    ("Dice reward instead of binary", "GFScreenTrainer_DiceReward"),
+    ("GRL without the CE term", "GFScreenTrainer_NoAlphaCE"),
+    ("groups of 4 instead of 16", "GFScreenTrainer_Group4"),
 )
 QUICK_SUFFIX = "_Short"
 ABLATION_FULL = replace(FULL, dataset_id=903, trainer="GFScreenTrainer")

@@ -171,6 +171,13 @@ class GlanceNet(nn.Module):
             with torch.no_grad():
                 self.head.weight[0, -2] = 1.0
 
+    def detach_select_logit_from_dense_map(self) -> None:
+        """Start the select logit without the dense map: zero the head's weights on the map's maxima (for training
+        without the dense map, where the map would otherwise be an untrained input weighted 1)."""
+        if self.dense_head is not None:
+            with torch.no_grad():
+                self.head.weight[0, -2:] = 0.0
+
     def internal_shape(self, tile_shape: Sequence[int]) -> Tuple[int, int, int]:
         """Spatial shape the encoder sees for a tile of ``tile_shape``: ~``input_scale`` times it,
         a multiple of the total stride per axis and at least twice the total stride."""

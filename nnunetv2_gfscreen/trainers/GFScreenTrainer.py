@@ -26,6 +26,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_gfscreen.core.gate import select_tiles
 from nnunetv2_gfscreen.core.glance import build_glance
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
 from nnunetv2_gfscreen.nnunet_adapters import dataloaders_with, use_local_logger, use_pretrained_weights_loader
@@ -104,6 +105,8 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
         optimizer = torch.optim.SGD(net.focus.parameters(), self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=0.99, nesterov=True)
         lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        if self.dense_map_weight() == 0 and hasattr(net.glance, "detach_select_logit_from_dense_map"):
+            net.glance.detach_select_logit_from_dense_map()  # without the dense map, it is no start for the logit
         # the network's Glance holds the average; the policy starts as a copy of it
         self.policy_glance = deepcopy(net.glance).requires_grad_(True)
         net.glance.requires_grad_(False)
@@ -210,7 +213,7 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
                 ref_logits = self.reference_glance(glance_input).float()
         glance_terms = self.glance_objective(glance_logits, ref_logits, rewards, lesion, group_ids)
         dense_loss = self.dense_objective(dense_logits, gt_fg, batch)
-        loss = glance_terms["grl_losses"] + self.gfscreen.glance_dense_weight * dense_loss
+        loss = glance_terms["grl_losses"] + self.dense_map_weight() * dense_loss
         trained = [(self.policy_glance, self.glance_optimizer)]
         if seg_loss is not None:
             loss = seg_loss + loss
@@ -233,7 +236,7 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
                 torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
                 opt.step()
         self.update_glance_average()
-        selected = glance_logits.detach().double() > net.gate.threshold
+        selected = select_tiles(glance_logits.detach().double(), net.gate.threshold)
         values = {"loss": loss, "seg_losses": loss.new_zeros(()) if seg_loss is None else seg_loss,
                   "glance_dense": dense_loss, "mean_reward": rewards.mean(),
                   "selection_ratio": selected.float().mean(), **glance_terms}

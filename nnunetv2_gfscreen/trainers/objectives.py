@@ -2,8 +2,9 @@
 
 Per training step the trainer asks, in this order: which group tiles the Focus must predict for the rewards
 (`focus_tiles`, focus_passes.py), the reward per tile (`compute_rewards`), the tile-level loss terms
-(`glance_objective`, GRL with weight `grl_alpha` on its CE term) and the dense lesion-map loss
-(`dense_objective`). An arm overrides one of them and states what it changes against these defaults.
+(`glance_objective`, GRL with weight `grl_alpha` on its CE term), the dense lesion-map loss (`dense_objective`)
+and its weight (`dense_map_weight`; at 0 the select logit also does not start from the map's maximum). An arm
+overrides one of them and states what it changes against these defaults.
 """
 from typing import Optional
 
@@ -39,10 +40,15 @@ class GlanceObjectiveMixin:
                          label_smoothing=self.gfscreen.glance_label_smoothing)
         return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
 
+    def dense_map_weight(self) -> float:
+        """Weight of the dense lesion-map loss (`glance_dense_weight`). At 0 the Glance trains without the dense map:
+        no dense loss, and its select logit does not start from the map's maximum (configure_optimizers)."""
+        return self.gfscreen.glance_dense_weight
+
     def dense_weight_shape(self) -> Optional[tuple]:
         """The dense map's shape for which the group loader computes per-lesion weights (`group_dense_weight`), or
         None where the dense loss does not use them (`glance_dense_per_lesion` 0, weight 0, no dense head)."""
-        if not self.gfscreen.glance_dense_per_lesion or self.gfscreen.glance_dense_weight == 0:
+        if not self.gfscreen.glance_dense_per_lesion or self.dense_map_weight() == 0:
             return None
         return self._gfscreen_network().glance.dense_shape(self.configuration_manager.patch_size)
 
