@@ -55,3 +55,24 @@ def test_long_files_say_why_at_the_top():
         if n > MAX_LINES and "longer than" not in head:
             unexplained.append(f"{path.relative_to(PACKAGE.parent)}: {n} lines")
     assert not unexplained, unexplained
+
+
+def test_the_gate_decision_exists_once():
+    """Outside core/gate.py no module compares a score with a gate's threshold attribute (`x > net.gate.threshold`,
+    `p > self.threshold`): every path decides through core.gate (select_tiles / decide)."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).as_posix() == "core/gate.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Gt, ast.GtE, ast.Lt, ast.LtE))
+                                                     for op in node.ops):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(s, ast.Attribute) and s.attr == "threshold" for s in sides):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, offenders
+    gate = (PACKAGE / "core" / "gate.py").read_text()
+    assert "def select_tiles(" in gate and "def decide(" in gate
+    users = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+             if "select_tiles" in p.read_text() or "decide(" in p.read_text()}
+    assert {"core/network.py", "core/gated_window.py"} <= users

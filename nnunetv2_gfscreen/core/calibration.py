@@ -216,8 +216,9 @@ def refit_rule(record: dict, target: Optional[float] = None, max_selection: Opti
             bound += f" ({fit.method})"
     if max_selection is not None:
         budget = threshold_for_selection(cases, max_selection)
-        if target is None or budget > rule.threshold:
-            rule, bound = rule.with_threshold(budget), "selection budget"
+        chosen = budget if target is None else max(budget, rule.threshold)  # the target's, raised to the budget
+        if target is None or chosen != rule.threshold:
+            rule, bound = rule.with_threshold(chosen), "selection budget"
     return rule, certificate(cases, rule.threshold, settings.target, settings.confidence), bound
 
 

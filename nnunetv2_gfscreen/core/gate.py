@@ -85,10 +85,11 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def select_tiles(logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+def select_tiles(logits: torch.Tensor, threshold: float | torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """The per-tile part of the gate: logits (T,) > threshold (logit units) -> bool (T,). NaN raises (a NaN
-    input must never turn into "healthy")."""
-    return _check_logits(logits) > threshold
+    input must never turn into "healthy"); `check_values=False` skips that check, which reads the device (the
+    training step's selection metric, where a non-finite logit is counted and skipped instead)."""
+    return (_check_logits(logits) if check_values else logits) > threshold
 
 
 def top_share(logits: torch.Tensor, share: float) -> torch.Tensor:

@@ -11,6 +11,13 @@ calibration and inference use (glance_training.py says why). Everything else (pl
 augmentation, schedule, logging, checkpoint layout, final validation) is nnU-Net's; the final
 validation predicts with the gated sliding window of nnUNetv2_predict_gfscreen (final_validation.py).
 Why the Focus batch is not taken from the group: group_sampling.py.
+
+Longer than 300 lines because it is one class and nothing else: every nnU-Net hook it overrides (network,
+optimisers, loaders, training and validation steps, epoch hooks, final validation, checkpoints, DDP set-up) and the
+hooks of the Glance's objective that the ablation arms override (variants.py). Each hook is a few lines that hand
+explicit inputs to a module of one concept: group_sampling (the groups), focus_passes (the Focus's reward passes),
+core/grl (rewards and GRL), glance_training (the Glance's optimisation), final_validation (calibrate and validate
+the deployed gate), ddp (several GPUs), checkpointing (atomic checkpoints with the Glance's state).
 """
 import os
 from copy import deepcopy
@@ -19,6 +26,7 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -26,35 +34,39 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_gfscreen.core.gate import select_tiles
+from nnunetv2_gfscreen.core.gate import GateRule, select_tiles
 from nnunetv2_gfscreen.core.glance import build_glance
+from nnunetv2_gfscreen.core.grl import detection_reward, grl_loss
 from nnunetv2_gfscreen.core.network import GFScreenNetwork, autocast_on_cuda, unwrap_gfscreen_network
-from nnunetv2_gfscreen.nnunet_adapters import dataloaders_with, use_local_logger, use_pretrained_weights_loader
+from nnunetv2_gfscreen.nnunet_adapters import (dataloaders_with, per_rank_batch_and_loss, use_local_logger,
+                                               use_pretrained_weights_loader)
 from nnunetv2_gfscreen.plans.settings import GFScreenSettings
-from nnunetv2_gfscreen.trainers.ddp import GFScreenDDPMixin
 from nnunetv2_gfscreen.trainers.checkpointing import restore_training_state, save_checkpoint_atomically, training_state
-from nnunetv2_gfscreen.trainers.focus_passes import predict_tiles
+from nnunetv2_gfscreen.trainers.ddp import (broadcast_from_rank0, cpu_under_gloo, gather_lists, gather_sum,
+                                            gather_values, wrap_networks)
+from nnunetv2_gfscreen.trainers.final_validation import calibrate_fold, validate_deployed_rule, write_gate_figures
+from nnunetv2_gfscreen.trainers.focus_passes import predict_tiles, tiles_to_predict
 from nnunetv2_gfscreen.trainers.group_sampling import GroupDataLoader, group_transforms
-from nnunetv2_gfscreen.trainers.glance_training import cosine_lr, ema_decay, ema_update, intensity_augmentation
-from nnunetv2_gfscreen.trainers.objectives import GlanceObjectiveMixin
+from nnunetv2_gfscreen.trainers.glance_training import (cosine_lr, dense_lesion_loss, ema_decay, ema_update,
+                                                        intensity_augmentation, tile_confusion)
 from nnunetv2_gfscreen.trainers.pretrained import load_pretrained_weights_gfscreen
 from nnunetv2_gfscreen.trainers.progress_logging import GFScreenLocalLogger
-from nnunetv2_gfscreen.trainers.validation import GFScreenValidationMixin
 
 # read by the static build_network_architecture from the plans, where a trainer attribute cannot reach
 NETWORK_SETTINGS = ("glance_input_scale", "glance_base_features", "glance_dense_stage", "glance_logit_bound")
 
 
-class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDPMixin, nnUNetTrainer):
-    """The full method. The ablation arms (variants.py) override one hook of the Glance's objective (objectives.py:
-    `compute_rewards`, `grl_alpha`, `glance_objective`, `dense_objective`); `settings_overrides` changes GF-Screen
-    settings for a variant (not those that shape the network)."""
+class GFScreenTrainer(nnUNetTrainer):
+    """The full method. The ablation arms (variants.py) override one hook of the Glance's objective (`focus_tiles`,
+    `compute_rewards`, `grl_alpha`, `glance_objective`, `dense_map_weight`, `dense_objective`); `settings_overrides`
+    changes GF-Screen settings for a variant (not those that shape the network)."""
     settings_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self._keep_cpu_under_gloo(device)
+        if cpu_under_gloo(device):  # DDP on the CPU (the tests): stay there, without AMP
+            self.device, self.grad_scaler = device, None
         self._refuse_unsupported_modes()
         plans_settings = self.configuration_manager.configuration.get("gfscreen", {}) or {}
         self.gfscreen = GFScreenSettings.from_dict({**plans_settings, **self.settings_overrides})
@@ -63,6 +75,7 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
         self.glance_optimizer: Optional[torch.optim.Optimizer] = None
         self.policy_glance: Optional[nn.Module] = None       # the Glance that GRL trains
         self.reference_glance: Optional[nn.Module] = None    # pi_ref, refreshed from the policy every epoch
+        self._policy_wrapper: Optional[nn.Module] = None     # the policy's DDP wrapper under -num_gpus
         self.glance_ema_updates = 0
         self.nonfinite_steps = torch.zeros((), dtype=torch.long)  # per epoch, on the device (train_step)
         # which checkpoint the live weights are (load_checkpoint, on_train_end): its calibration is the one fitted
@@ -115,7 +128,18 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
         return optimizer, lr_scheduler
 
     def initialize(self):
-        super().initialize()
+        """nnU-Net's single-process initialisation; under DDP then the per-rank batch and loss and the DDP wrappers
+        of the network and of the policy Glance (ddp.py), which nnU-Net's own wrapping would not give the Glance."""
+        ddp, self.is_ddp = self.is_ddp, False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = ddp
+        if ddp:
+            per_rank_batch_and_loss(self)
+            self.network, self._policy_wrapper = wrap_networks(self.network, self.policy_glance, self.device)
+            self.print_to_log_file(f"DDP rank {self.local_rank}: Focus batch {self.batch_size}, "
+                                   f"{self.gfscreen.groups_per_step} GRL groups per rank and step")
         self.reference_glance = deepcopy(self.policy_glance).requires_grad_(False)
         doc = (type(self).__doc__ or "").strip().splitlines()
         self.print_to_log_file(f"GF-Screen settings: {self.gfscreen.to_dict()}; trainer {type(self).__name__}"
@@ -168,6 +192,55 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
     def _foreground(logits: torch.Tensor) -> torch.Tensor:
         """Predicted lesion mask (B, 1, *patch) from softmax logits (B, K, *patch): argmax is a foreground class."""
         return logits.argmax(1, keepdim=True) > 0
+
+    # ------------------------------------------------------------------ the Glance's objective: the arms' hooks
+    def focus_tiles(self, batch: dict) -> torch.Tensor:
+        """(T,) long, on the host: the group tiles whose Focus prediction the rewards need (focus_passes.py): those
+        holding valid lesion, each distinct crop once. A reward hook that can reward a tile without lesion must
+        override this to return every tile."""
+        return tiles_to_predict(batch, self.label_manager.ignore_label)
+
+    def compute_rewards(self, pred_fg: torch.Tensor, gt_fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Reward per group tile (G*N,): the binary detection reward (docs/method.md, section 3.2)."""
+        return detection_reward(pred_fg, gt_fg, valid)
+
+    def grl_alpha(self) -> float:
+        """Weight of GRL's class-balanced CE term."""
+        return self.gfscreen.alpha
+
+    def glance_objective(self, glance_logits, ref_logits, rewards, lesion, group_ids) -> dict:
+        """The Glance's tile-level loss terms (grl_clip, grl_kl, grl_ce, grl_losses = their total): GRL."""
+        terms = grl_loss(glance_logits, ref_logits, rewards, lesion, group_ids, clip_eps=self.gfscreen.clip_eps,
+                         beta=self.gfscreen.beta, alpha=self.grl_alpha(), dual_clip=self.gfscreen.dual_clip or None,
+                         check_values=False,  # no host sync; a non-finite loss is skipped in train_step
+                         label_smoothing=self.gfscreen.glance_label_smoothing)
+        return {"grl_clip": terms.clip, "grl_kl": terms.kl, "grl_ce": terms.ce, "grl_losses": terms.total}
+
+    def dense_map_weight(self) -> float:
+        """Weight of the dense lesion-map loss (`glance_dense_weight`). At 0 the Glance trains without the dense map:
+        no dense loss, and its select logit does not start from the map's maximum (configure_optimizers)."""
+        return self.gfscreen.glance_dense_weight
+
+    def dense_weight_shape(self) -> Optional[tuple]:
+        """The dense map's shape for which the group loader computes per-lesion weights (`group_dense_weight`), or
+        None where the dense loss does not use them (`glance_dense_per_lesion` 0, weight 0, no dense head)."""
+        if not self.gfscreen.glance_dense_per_lesion or self.dense_map_weight() == 0:
+            return None
+        return self._gfscreen_network().glance.dense_shape(self.configuration_manager.patch_size)
+
+    def dense_objective(self, dense_logits: Optional[torch.Tensor], gt_fg: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The dense lesion-map loss, unweighted (train_step multiplies it by `glance_dense_weight`); 0 without a
+        dense head. Every lesion of a tile counts equally (`group_dense_weight`) unless `glance_dense_per_lesion`
+        is 0, where every map voxel does (class-balanced BCE)."""
+        if dense_logits is None:
+            return gt_fg.new_zeros((), dtype=torch.float32)
+        weight = None
+        if self.dense_weight_shape() is not None:
+            if "group_dense_weight" not in batch:
+                raise KeyError("glance_dense_per_lesion is on but the batch has no group_dense_weight: the group "
+                               "loader needs dense_shape=trainer.dense_weight_shape()")
+            weight = batch["group_dense_weight"].to(self.device, non_blocking=True)
+        return dense_lesion_loss(dense_logits, gt_fg, weight, self.gfscreen.glance_label_smoothing)
 
     def _to_device(self, data: torch.Tensor, target):
         """data and target (a tensor or nnU-Net's deep-supervision list) on the trainer's device."""
@@ -236,7 +309,7 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
                 torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
                 opt.step()
         self.update_glance_average()
-        selected = select_tiles(glance_logits.detach().double(), net.gate.threshold)
+        selected = select_tiles(glance_logits.detach().double(), net.gate.threshold, check_values=False)
         values = {"loss": loss, "seg_losses": loss.new_zeros(()) if seg_loss is None else seg_loss,
                   "glance_dense": dense_loss, "mean_reward": rewards.mean(),
                   "selection_ratio": selected.float().mean(), **glance_terms}
@@ -262,9 +335,75 @@ class GFScreenTrainer(GlanceObjectiveMixin, GFScreenValidationMixin, GFScreenDDP
                                    f"without one, the whole step); the epoch's means leave those values out")
         for key in ("seg_losses", "grl_clip", "grl_kl", "grl_ce", "grl_losses", "glance_dense", "mean_reward",
                     "selection_ratio"):
-            values = np.asarray(self.gather_values(outputs[key]), dtype=np.float64)
+            values = np.asarray(gather_values(outputs[key]), dtype=np.float64)
             finite = values[np.isfinite(values)]
             self.logger.log(key, float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
+
+    def policy_forward(self, x: torch.Tensor):
+        """(select logits, dense logits) of the policy Glance, through its DDP wrapper when there is one."""
+        return self._policy_wrapper(x) if self._policy_wrapper is not None else self.policy_glance.forward_dense(x)
+
+    def local_network(self) -> nn.Module:
+        """The network without its DDP wrapper (still compiled if it was): for forwards that take no gradient and
+        that ranks may run a different number of times."""
+        return self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
+
+    def broadcast_from_rank0(self, obj):
+        return broadcast_from_rank0(obj)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._gfscreen_network().gating_enabled = False  # online validation measures the Focus itself
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step plus the Glance's tile confusion counts on the validation patches."""
+        net = self._gfscreen_network()
+        data, target = self._to_device(batch["data"], batch["target"])
+        with self._autocast():
+            selected = select_tiles(net.glance_logits(data), net.gate.threshold)
+        lesion = self._lesion_masks(target[0] if isinstance(target, list) else target)[0].flatten(1).any(1)
+        # tensors already on the device: nnU-Net's own .to() calls are then no-ops, not second copies
+        out = super().validation_step({**batch, "data": data, "target": target})
+        out["glance_counts"] = tile_confusion(selected, lesion)
+        return out
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        tp, fn, tn, fp = gather_sum(np.sum([o["glance_counts"] for o in val_outputs], axis=0))
+        self.logger.log("glance_sensitivity", float(tp / (tp + fn)) if tp + fn else float("nan"), self.current_epoch)
+        self.logger.log("glance_specificity", float(tn / (tn + fp)) if tn + fp else float("nan"), self.current_epoch)
+        self._gfscreen_network().gating_enabled = True
+
+    def on_epoch_end(self):
+        get = lambda k: np.round(self.logger.get_value(k, step=-1), decimals=4)  # noqa: E731
+        self.print_to_log_file(f"seg_loss {get('seg_losses')}, GRL {get('grl_losses')} (clip {get('grl_clip')}, "
+                               f"kl {get('grl_kl')}, ce {get('grl_ce')}), Glance dense {get('glance_dense')}, "
+                               f"mean reward {get('mean_reward')}, selection ratio {get('selection_ratio')}")
+        self.print_to_log_file(f"Glance on validation patches: sensitivity {get('glance_sensitivity')}, "
+                               f"specificity {get('glance_specificity')}")
+        super().on_epoch_end()
+
+    def on_train_end(self):
+        super().on_train_end()
+        self.weights_checkpoint = "checkpoint_final.pth"  # the live weights are the final ones now
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Calibrate the gate of the loaded weights (checkpoint_best.pth with --val_best) on the validation cases,
+        then nnU-Net's final validation predicted the way `nnUNetv2_predict_gfscreen` predicts, each case gated by
+        the rule fitted on the other validation cases (final_validation.py). Writes nnU-Net's
+        validation/summary.json and gfscreen_gate.json. Under DDP rank 0 calibrates, every rank predicts its share
+        of the cases with the broadcast record, and rank 0 writes the gate figures of all of them."""
+        net = self._gfscreen_network()
+        record = broadcast_from_rank0(calibrate_fold(self, net, self.weights_checkpoint)
+                                      if self.local_rank == 0 else None)
+        if self.local_rank != 0:
+            net.gate.set_rule(GateRule.from_dict(record["rule"]))
+        cases = validate_deployed_rule(self, record, lambda: super(GFScreenTrainer, self)
+                                       .perform_actual_validation(save_probabilities))
+        cases = gather_lists(cases)
+        if self.local_rank == 0:
+            write_gate_figures(self, cases, self.weights_checkpoint, record)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:

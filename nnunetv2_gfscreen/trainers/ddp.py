@@ -9,7 +9,7 @@ own Glance is an EMA of the policy and takes no gradient). So:
   off, because the network's buffers (the gate threshold) are set per case in the final validation,
   where the ranks predict different cases with different tile counts (a per-forward broadcast would
   both overwrite the threshold and deadlock);
-- the policy Glance gets its own DDP wrapper, through which its forward runs (`policy_forward`),
+- the policy Glance gets its own DDP wrapper, through which its forward runs (`wrap_networks`),
   so its gradients are all-reduced in the same backward as the Focus's;
 - each rank draws its own `groups_per_step` groups (nnU-Net splits the Focus batch over the ranks;
   a group cannot be split: its advantages are relative within it), so a step sees N x as many groups;
@@ -29,7 +29,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunetv2_gfscreen.nnunet_adapters import per_rank_batch_and_loss
 
 
 class _DenseForward(nn.Module):
@@ -52,76 +51,56 @@ def _ddp(module: nn.Module, device: torch.device) -> DDP:
     return DDP(module, device_ids=device_ids, **no_sync)
 
 
-class GFScreenDDPMixin:
-    """DDP for GFScreenTrainer; place before nnUNetTrainer in the bases. Without a process group it does nothing."""
+def ddp_active() -> bool:
+    """Whether this process is one rank of a process group (nnU-Net's `is_ddp`)."""
+    return dist.is_available() and dist.is_initialized()
 
-    def _keep_cpu_under_gloo(self, device: torch.device) -> None:
-        """nnU-Net moves every DDP rank to cuda:rank; a CPU run under gloo (tests) stays on the CPU, without AMP."""
-        if self.is_ddp and device.type == "cpu" and dist.get_backend() == "gloo":
-            self.device = device
-            self.grad_scaler = None
 
-    def initialize(self):
-        """nnU-Net's single-process initialisation, then the per-rank batch size, the DDP loss and the two wrappers.
+def cpu_under_gloo(device: torch.device) -> bool:
+    """nnU-Net moves every DDP rank to cuda:rank; a CPU run under a gloo group (the tests) stays on the CPU."""
+    return ddp_active() and device.type == "cpu" and dist.get_backend() == "gloo"
 
-        nnU-Net would wrap the network itself; it is done here so that the Glance gets its own wrapper with the
-        same settings and the CPU (gloo) path is the CUDA path without device ids."""
-        ddp, self.is_ddp = self.is_ddp, False
-        try:
-            super().initialize()
-        finally:
-            self.is_ddp = ddp
-        self._policy_wrapper = self.policy_glance
-        if not ddp:
-            return
-        per_rank_batch_and_loss(self)  # nnU-Net's per-rank share of the Focus batch, Dice gathered across ranks
-        self.network = _ddp(nn.SyncBatchNorm.convert_sync_batchnorm(self.network), self.device)
-        self._policy_wrapper = _ddp(_DenseForward(self.policy_glance), self.device)
-        self.print_to_log_file(f"DDP rank {self.local_rank}/{dist.get_world_size()}: Focus batch {self.batch_size}, "
-                               f"{self.gfscreen.groups_per_step} GRL groups per rank and step")
 
-    def policy_forward(self, x: torch.Tensor):
-        """(select logits, dense logits) of the policy Glance, through its DDP wrapper when there is one."""
-        wrapper = getattr(self, "_policy_wrapper", None)
-        if wrapper is None or wrapper is self.policy_glance:
-            return self.policy_glance.forward_dense(x)
-        return wrapper(x)
+def wrap_networks(network: nn.Module, policy_glance: nn.Module, device: torch.device):
+    """(network, policy wrapper): the network (Focus + frozen EMA Glance) in nnU-Net's DDP wrapper, and the policy
+    Glance in its own, whose `forward` returns `forward_dense`. nnU-Net would wrap the network itself; doing it
+    here gives the Glance the same settings and makes the CPU (gloo) path the CUDA path without device ids."""
+    return _ddp(nn.SyncBatchNorm.convert_sync_batchnorm(network), device), _ddp(_DenseForward(policy_glance), device)
 
-    def local_network(self) -> nn.Module:
-        """The network without its DDP wrapper (still compiled if it was): for forwards that take no gradient and
-        that ranks may run a different number of times."""
-        return self.network.module if isinstance(self.network, DDP) else self.network
 
-    def gather_values(self, values: Sequence[Any]) -> np.ndarray:
-        """All ranks' values concatenated (this rank's alone without DDP)."""
-        values = np.asarray(values)
-        if not self.is_ddp:
-            return values
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, values)
-        return np.concatenate([np.atleast_1d(g) for g in gathered])
+def gather_values(values: Sequence[Any]) -> np.ndarray:
+    """All ranks' values concatenated (this rank's alone without DDP)."""
+    values = np.asarray(values)
+    if not ddp_active():
+        return values
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return np.concatenate([np.atleast_1d(g) for g in gathered])
 
-    def gather_lists(self, items: List[Any]) -> List[Any]:
-        """All ranks' list items, rank by rank (this rank's alone without DDP)."""
-        if not self.is_ddp:
-            return list(items)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, list(items))
-        return [x for part in gathered for x in part]
 
-    def gather_sum(self, counts: np.ndarray) -> np.ndarray:
-        """Element-wise sum of an array over all ranks."""
-        counts = np.asarray(counts)
-        if not self.is_ddp:
-            return counts
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, counts)
-        return np.sum(gathered, axis=0)
+def gather_lists(items: List[Any]) -> List[Any]:
+    """All ranks' list items, rank by rank (this rank's alone without DDP)."""
+    if not ddp_active():
+        return list(items)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
 
-    def broadcast_from_rank0(self, obj: Any) -> Any:
-        """Rank 0's object on every rank (e.g. the calibration result)."""
-        if not self.is_ddp:
-            return obj
-        box = [obj if self.local_rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+
+def gather_sum(counts: np.ndarray) -> np.ndarray:
+    """Element-wise sum of an array over all ranks."""
+    counts = np.asarray(counts)
+    if not ddp_active():
+        return counts
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, counts)
+    return np.sum(gathered, axis=0)
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's object on every rank (e.g. the calibration record)."""
+    if not ddp_active():
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -16,6 +16,7 @@
 import math
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -124,3 +125,9 @@ def dense_lesion_loss(dense_logits: Tensor, lesion: Tensor, positive_weight: Opt
     neg_mean = (ce * ~pos).sum() / n_neg.clamp_min(1)
     # written without branching on values (no host synchronisation)
     return torch.where(w.sum() == 0, neg_mean, torch.where(n_neg == 0, pos_mean, 0.5 * pos_mean + 0.5 * neg_mean))
+
+
+def tile_confusion(selected: Tensor, lesion: Tensor) -> np.ndarray:
+    """[tp, fn, tn, fp] of the Glance's selection (B,) bool against lesion presence (B,) bool."""
+    return np.array([int((selected & lesion).sum()), int((~selected & lesion).sum()),
+                     int((~selected & ~lesion).sum()), int((selected & ~lesion).sum())])

@@ -1,4 +1,4 @@
-"""Variants of GFScreenTrainer: the Glance ablation, each arm overriding one hook of objectives.py.
+"""Variants of GFScreenTrainer: the Glance ablation, each arm overriding one hook of the Glance's objective.
 
 Each arm states what it changes against the default (GRL with the binary reward and the alpha-weighted balanced CE
 term, plus the dense lesion-map loss from which the select logit starts); everything else (data, Focus, schedule,
