@@ -27,7 +27,7 @@ from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
 from nnunetv2_gfscreen.trainers.group_sampling import centre_crop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the lab (not installed)
-from gfscreen_lab.experiments.runner import machine_description  # noqa: E402
+from gfscreen_lab.experiments.results_files import machine_description  # noqa: E402
 
 
 def nnunet_like_transforms(patch_size, num_pools: int = 5):

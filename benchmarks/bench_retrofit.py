@@ -62,7 +62,7 @@ def main() -> None:
     from nnunetv2.run.run_training import maybe_load_checkpoint
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
-    from gfscreen_lab.experiments.runner import machine_description
+    from gfscreen_lab.experiments.results_files import machine_description
     from nnunetv2_gfscreen.trainers import GFScreenTrainer, GFScreenTrainer_Retrofit
 
     data = make_planned_dataset(root)

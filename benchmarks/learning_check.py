@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the lab (not installed)
+from gfscreen_lab.experiments.results_files import machine_description  # noqa: E402
 from gfscreen_lab.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_CONFIGURATION,  # noqa: E402
-                                             GFSCREEN_MODEL_FOLDER, Runner, TestSet, machine_description)
+                                             GFSCREEN_MODEL_FOLDER, Runner, TestSet)
 from gfscreen_lab.experiments.screening import (calibration_lines, calibration_summary, check_targets,  # noqa: E402
                                                pool_counts, rates, set_counts, sets_table, size_table, verdict)
 

@@ -6,7 +6,7 @@ nnU-Net, so an upgrade that changes one fails a named test instead of misbehavin
 every replacement is installed by an explicit call, for as long as the caller needs it.
 """
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter

@@ -1,6 +1,5 @@
 """Border growth (core/gated_window.py): a lesion the Focus predicts up to the edge of the selected tiles gets the
 neighbouring tiles predicted too, until the selection holds it; nothing grows around a lesion inside it."""
-import pytest
 import torch
 from torch import nn
 

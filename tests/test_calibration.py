@@ -209,7 +209,6 @@ def test_calibration_round_trip(planned_dataset, tmp_path, monkeypatch, capsys):
 
 def test_pooled_folds_score_each_case_with_the_fold_that_did_not_train_on_it(planned_dataset, monkeypatch):
     from nnunetv2_gfscreen.core.calibration import preprocessed_cases
-    from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
     from tests.nnunet_fixtures import CONFIG
     from tests.toy_models import make_model_folder, patch_nnunet_paths
 

@@ -1,6 +1,5 @@
 """The model that ships for the demo loads with nnU-Net's own loader and gates a case it never saw."""
 import numpy as np
-import pytest
 import torch
 
 from nnunetv2_gfscreen.core.gate import Gate, GateRule

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.e2e_training import TRAINER, load as _load
 from tests.nnunet_fixtures import CONFIG

@@ -6,9 +6,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_gfscreen.evaluation.evaluate_folder import evaluate_entry_point, evaluate_folders, write_results
-from nnunetv2_gfscreen.evaluation.lesions import aggregate_detection, lesion_detection_counts
+from nnunetv2_gfscreen.evaluation.detection import aggregate_detection, lesion_detection_counts
 from nnunetv2_gfscreen.evaluation.metrics import dice, flare_dsc_nsd, normalized_surface_dice
-from nnunetv2_gfscreen.evaluation.reports import aggregate_reports, summarize_report, tile_confusion
+from nnunetv2_gfscreen.evaluation.report_metrics import aggregate_reports, summarize_report, tile_confusion
 from nnunetv2_gfscreen.evaluation.tables import format_comparison_table
 
 

@@ -7,7 +7,7 @@ from nnunetv2_gfscreen.evaluation import figures
 from nnunetv2_gfscreen.evaluation.figure_data import (HU_SOFT_TISSUE_WINDOW, _parse_tiles, choose_centre, choose_views,
                                                       display_window, format_title, tile_maps, title_numbers_from)
 from nnunetv2_gfscreen.evaluation.figures import render_case_figure
-from nnunetv2_gfscreen.predictors.report import save_case_png
+from nnunetv2_gfscreen.predictors.case_summary import save_case_png
 
 SHAPE = (20, 48, 56)
 SPACING = (2.5, 0.8, 0.8)

@@ -133,7 +133,7 @@ def test_fold_ensemble_gates_once_on_the_folds_mean_glance():
 
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
-from nnunetv2_gfscreen.predictors.report import tile_bbox_to_original
+from nnunetv2_gfscreen.predictors.case_summary import tile_bbox_to_original
 from tests.toy_models import make_model_folder
 
 

@@ -12,7 +12,6 @@ import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_gfscreen import nnunet_adapters
 from nnunetv2_gfscreen.nnunet_adapters import NNUNET_VERSIONS, PredictorHooks, final_validation_with
 
 REPO = Path(__file__).resolve().parents[1]

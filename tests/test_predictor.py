@@ -11,7 +11,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2_gfscreen.core.gate import GateRule
 from nnunetv2_gfscreen.core.tiles import sliding_window_slicers
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
-from nnunetv2_gfscreen.predictors.report import build_case_report, lesion_components, tile_bbox_to_original
+from nnunetv2_gfscreen.predictors.case_summary import build_case_report, lesion_components, tile_bbox_to_original
 from tests.toy_models import init_predictor, toy_image, toy_network
 
 PATCH = (8, 16, 16)

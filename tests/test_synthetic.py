@@ -10,7 +10,7 @@ from scipy.ndimage import binary_dilation, binary_erosion
 from gfscreen_lab.synthetic.dataset import (DEFAULT_SHAPE, case_identifier, generate_case, is_healthy_case,
                                             make_dataset_entry_point, write_dataset)
 from gfscreen_lab.synthetic.anatomy import ORGAN_GROUPS, ORGAN_HU, ORGAN_LABELS
-from gfscreen_lab.synthetic.lesions import LESION_FRACTION_RANGE, LESION_KINDS
+from gfscreen_lab.synthetic.lesion_shapes import LESION_FRACTION_RANGE, LESION_KINDS
 
 SMALL = (32, 96, 96)
 TINY = (16, 48, 48)

@@ -17,7 +17,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from gfscreen_lab.experiments.runner import FULL, DemoSettings, Runner, machine_description
+from gfscreen_lab.experiments.results_files import machine_description
+from gfscreen_lab.experiments.runner import FULL, DemoSettings, Runner
 
 # (method as in the paper's ablation table, full-length trainer); --quick appends "_Short"
 ARMS: Tuple[Tuple[str, str], ...] = (

@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from nnunetv2_gfscreen.evaluation.tables import format_comparison_table
-from gfscreen_lab.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, QUICK, DemoSettings,
-                                             Runner, machine_description)
+from gfscreen_lab.experiments.results_files import machine_description
+from gfscreen_lab.experiments.runner import DEMO_MODEL_DIR, FULL, GFSCREEN_MODEL_FOLDER, QUICK, DemoSettings, Runner
 from gfscreen_lab.experiments.screening import (calibration_lines, calibration_summary, check_targets, rates,
                                                set_counts, size_table, verdict)
 

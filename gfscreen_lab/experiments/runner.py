@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunetv2_gfscreen.atomic import atomic_path, write_json
-from gfscreen_lab.experiments.reporting import machine_description, results_markdown  # noqa: F401
+from gfscreen_lab.experiments.results_files import results_markdown
 from gfscreen_lab.experiments.cpu_plans import CPU_ARCH_KWARGS, shrink_configuration_for_cpu
 from gfscreen_lab.ext_trainer_env import lab_environment
 

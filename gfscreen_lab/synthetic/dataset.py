@@ -32,7 +32,7 @@ from tqdm import tqdm
 from nnunetv2_gfscreen.atomic import atomic_path, write_json
 from gfscreen_lab.synthetic.anatomy import (ORGAN_HU, ORGAN_LABELS, Grid, Habitus, SmoothField, build_organ_map,
                                             organ_names_present)
-from gfscreen_lab.synthetic.lesions import paint_lesions, place_lesions
+from gfscreen_lab.synthetic.lesion_shapes import paint_lesions, place_lesions
 
 DEFAULT_SHAPE = (64, 192, 192)
 DEFAULT_HEALTHY_FRACTION = 0.25

@@ -1,10 +1,14 @@
-"""The per-case report of a gated prediction (`<case>.json`): one schema for its writer (predictors/report.py)
-and its readers (evaluation/reports.py, evaluation/gate.py, evaluation/figures.py).
+"""The per-case report of a gated prediction (`<case>.json`): one schema for its writer (predictors/case_summary.py)
+and its readers (evaluation/report_metrics.py, evaluation/gate.py, evaluation/figures.py).
 
 Tile boxes are in the ORIGINAL image's array index order (as the image reader returns it; SimpleITK: z, y, x),
 half-open and clipped, so they can be laid over the ground truth directly.
 """
+import json
+import os
 from typing import List, Optional, TypedDict
+
+from nnunetv2_gfscreen.atomic import write_json
 
 
 class TileReport(TypedDict):
@@ -62,3 +66,22 @@ class CaseReport(_CaseReportRequired, total=False):
 
 # the per-case timings and ratio the evaluator averages over cases
 SCALAR_KEYS = ("selection_ratio", "glance_seconds", "focus_seconds", "total_seconds")
+
+
+def write_case_report(report: CaseReport, report_dir: str) -> str:
+    """Write `<report_dir>/<case>.json` atomically; returns the path."""
+    os.makedirs(report_dir, exist_ok=True)
+    path = os.path.join(report_dir, f"{report['case']}.json")
+    return write_json(report, path)
+
+
+def load_report(path: str) -> CaseReport:
+    """Read one report; a file that is not a JSON object raises an error naming the path."""
+    with open(path) as f:
+        try:
+            report = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"predictor report {path} is not valid JSON: {e}") from e
+    if not isinstance(report, dict):
+        raise ValueError(f"predictor report {path} must hold a JSON object, got {type(report).__name__}")
+    return report

@@ -12,7 +12,7 @@ value at rank ceil(0.9 n) of its n voxels' scores sorted descending (the lesion 
 column of the operating curve is then a searchsorted over sorted arrays.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import cc3d
 import numpy as np

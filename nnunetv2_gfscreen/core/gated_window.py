@@ -16,7 +16,7 @@ predictors/ (nnUNetv2_predict_gfscreen) run the same code without importing each
 """
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

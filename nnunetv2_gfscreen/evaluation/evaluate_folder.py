@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from nnunetv2_gfscreen.evaluation.figure_data import title_numbers_from
 from nnunetv2_gfscreen.evaluation.figures import VIEWS, render_case_figure
-from nnunetv2_gfscreen.evaluation.lesions import aggregate_detection, lesion_detection_counts
+from nnunetv2_gfscreen.evaluation.detection import aggregate_detection, lesion_detection_counts
 from nnunetv2_gfscreen.evaluation.metrics import FLARE_NSD_TOLERANCE_MM, flare_dsc_nsd
-from nnunetv2_gfscreen.evaluation.reports import aggregate_reports, load_report, summarize_report
+from nnunetv2_gfscreen.core.case_report import load_report
+from nnunetv2_gfscreen.evaluation.report_metrics import aggregate_reports, summarize_report
 from nnunetv2_gfscreen.evaluation.tables import format_results_markdown
 
 FILE_ENDING = ".nii.gz"

@@ -18,7 +18,7 @@ with a legend, a Glance-score colorbar (the gate threshold marked) and the case'
 
 Conventions: arrays are (z, y, x) as SimpleITK's ``GetArrayFromImage`` returns them, and report tile
 boxes (``bbox_original``) are half-open ``[[z0, z1], [y0, y1], [x0, x1]]`` in the same order (see
-``predictors/report.py``). The axial view is ``image[z]`` (rows y, columns x, row 0 on top); coronal
+``predictors/case_summary.py``). The axial view is ``image[z]`` (rows y, columns x, row 0 on top); coronal
 is ``image[:, y]`` (rows z, columns x) and sagittal ``image[:, :, x]`` (rows z, columns y), both with z
 growing upward, which is superior-up for the usual LPS-oriented CT. Matplotlib is used through its
 object API with the Agg canvas (no pyplot state), so figures may be rendered from worker threads.

@@ -164,7 +164,7 @@ def gate_figures_from_folders(report_dir: Path, labels_dir: Path, file_ending: s
     """`gate_figures` for every report in `report_dir` with its ground truth `<labels_dir>/<case><file_ending>`,
     and the reports' `decision_summary` under 'decisions'."""
     import SimpleITK as sitk
-    from nnunetv2_gfscreen.evaluation.reports import load_report
+    from nnunetv2_gfscreen.core.case_report import load_report
 
     reports: List[CaseReport] = []
     labels: List[np.ndarray] = []

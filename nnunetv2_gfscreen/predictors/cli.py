@@ -28,14 +28,14 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2_gfscreen.atomic import stale_partials
 from nnunetv2_gfscreen.core.calibration import RECORD_VERSION, refit_rule
 from nnunetv2_gfscreen.core.calibration_store import load_calibration
+from nnunetv2_gfscreen.core.case_report import write_case_report
 from nnunetv2_gfscreen.core.gate import Gate, GateRule
 from nnunetv2_gfscreen.core.operating_point import describe_certificate
 from nnunetv2_gfscreen.core.records import selected_tiles_bbox
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor
 from nnunetv2_gfscreen.predictors.cli_args import build_parser
 from nnunetv2_gfscreen.predictors.pipeline import run_pipeline
-from nnunetv2_gfscreen.predictors.report import build_case_report, lesion_components, save_case_png, \
-    write_case_report
+from nnunetv2_gfscreen.predictors.case_summary import build_case_report, lesion_components, save_case_png
 
 
 @dataclass

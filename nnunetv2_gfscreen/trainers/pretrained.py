@@ -15,7 +15,7 @@ segmentation layers included, and remembers the source's test-time mirroring axe
 the retrofit must reproduce the source model's output exactly.
 """
 import hashlib
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn

@@ -1,15 +1,13 @@
 """Per-case GF-Screen report: which tiles the Glance selected, the time per stage, predicted lesions.
 
-Its schema is `core.case_report.CaseReport`, which the evaluator (`evaluation/reports.py`) reads back.
+Its schema is `core.case_report.CaseReport`, which the evaluator (`evaluation/report_metrics.py`) reads back.
 """
 import math
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from nnunetv2_gfscreen.core.lesions import label_lesions
-from nnunetv2_gfscreen.atomic import write_json
 from nnunetv2_gfscreen.core.case_report import CaseReport, LesionReport, TileReport
 from nnunetv2_gfscreen.core.records import Box, SlidingWindowRecord
 
@@ -99,13 +97,6 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
                             "glance_seconds": round(r.glance_seconds, 4), "focus_seconds": round(r.focus_seconds, 4)}
                            for r in records]
     return report
-
-
-def write_case_report(report: CaseReport, report_dir: str) -> str:
-    """Write `<report_dir>/<case>.json` atomically; returns the path."""
-    os.makedirs(report_dir, exist_ok=True)
-    path = os.path.join(report_dir, f"{report['case']}.json")
-    return write_json(report, path)
 
 
 def save_case_png(image: np.ndarray, mask: np.ndarray, report: CaseReport, path: str, projection: str = "max",

@@ -3,7 +3,6 @@
 Reports from other tools may carry only part of the schema: keys that are missing are skipped, so the
 aggregates that need them are left out instead of failing.
 """
-import json
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -12,18 +11,6 @@ from nnunetv2_gfscreen.core.case_report import SCALAR_KEYS, CaseReport, TileRepo
 
 REPORT_SCALAR_KEYS = SCALAR_KEYS
 TILE_COUNT_KEYS = ("tile_tp", "tile_fn", "tile_fp", "tile_tn")
-
-
-def load_report(path: str) -> CaseReport:
-    """Read one report; a file that is not a JSON object raises an error naming the path."""
-    with open(path) as f:
-        try:
-            report = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"predictor report {path} is not valid JSON: {e}") from e
-    if not isinstance(report, dict):
-        raise ValueError(f"predictor report {path} must hold a JSON object, got {type(report).__name__}")
-    return report
 
 
 def _bbox_slices(bbox: Sequence[Sequence[int]], shape: Sequence[int], case: str) -> tuple:
