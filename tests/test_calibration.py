@@ -202,6 +202,10 @@ def test_calibration_round_trip(planned_dataset, tmp_path, monkeypatch, capsys):
     (r_half,) = rules_from_calibration(str(model_folder), [0], "checkpoint_final.pth", 0.5)
     assert reports[0]["threshold"] == pytest.approx(r_half.threshold, abs=1e-9)
     assert reports[0]["gate"]["calibrated"] and reports[0]["gate"]["rule"]["floor"] == rule.floor
+    # the report says what the calibration certifies
+    cal = reports[0]["gate"]["calibration"]
+    assert cal["calibrated"] and cal["expected_sensitivity_certified"] == \
+        pytest.approx(record["certified"]["expected_sensitivity_certified"]) and "certified" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--threshold"):
         run_predict_gfscreen(["-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c", CONFIG, "-tr", trainer,
                               "-f", "0", "-device", "cpu", "--threshold", "0.5", "--max_selection", "0.2"])

@@ -222,6 +222,21 @@ def refit_rule(record: dict, target: Optional[float] = None, max_selection: Opti
     return rule, certificate(cases, rule.threshold, settings.target, settings.confidence), bound
 
 
+def certificate_summary(record: dict) -> dict:
+    """What a prediction's report says about the gate's calibration: calibrated or not (and why), how the threshold
+    was fitted, and what the calibration cases certify (JSON-ready, small)."""
+    if not record.get("calibrated"):
+        return {"calibrated": False, "reason": record.get("reason")}
+    cert = record["certified"]
+    return {"calibrated": True, "source": record.get("source"), "method": record["fit"]["method"],
+            "target": cert["target"], "target_certifiable": cert["target_certifiable"],
+            "expected_sensitivity_certified": cert["expected_sensitivity_certified"],
+            "lesion_sensitivity_lower_bound": cert["lesion_sensitivity_lower_bound"],
+            "confidence": cert["confidence"], "calibration_lesions": cert["lesions"],
+            "calibration_cases_with_lesions": cert["cases_with_lesions"],
+            "loco_lesion_sensitivity": record["loco"]["lesion_sensitivity"]}
+
+
 def describe_calibration(record: dict) -> str:
     """One paragraph for the log and the console."""
     if not record.get("calibrated"):

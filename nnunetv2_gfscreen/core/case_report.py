@@ -26,6 +26,7 @@ class GateReport(TypedDict):
     tiles_by_fallback: int
     tiles_grown: int                # tiles border growth added
     median_logit: Optional[float]
+    calibration: dict               # calibration.certificate_summary of the model's record (nnUNetv2_predict_gfscreen)
 
 
 class LesionReport(TypedDict):

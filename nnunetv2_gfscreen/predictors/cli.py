@@ -26,10 +26,10 @@ from nnunetv2.utilities.helpers import empty_cache
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunetv2_gfscreen.atomic import stale_partials
-from nnunetv2_gfscreen.core.calibration import RECORD_VERSION, refit_rule
+from nnunetv2_gfscreen.core.calibration import RECORD_VERSION, certificate_summary, refit_rule
 from nnunetv2_gfscreen.core.calibration_store import load_calibration
 from nnunetv2_gfscreen.core.case_report import write_case_report
-from nnunetv2_gfscreen.core.gate import Gate, GateRule
+from nnunetv2_gfscreen.core.gate import GateRule
 from nnunetv2_gfscreen.core.operating_point import describe_certificate
 from nnunetv2_gfscreen.core.records import selected_tiles_bbox
 from nnunetv2_gfscreen.predictors.gfscreen_predictor import CaseInputError, GFScreenPredictor
@@ -92,6 +92,8 @@ def _export_stage(predictor: GFScreenPredictor, state: _CaseState, report_dir: s
                   preprocess_seconds=round(state.seconds['preprocess'], 4),
                   sliding_window_seconds=round(state.seconds['sliding_window'], 4),
                   export_seconds=round(t1 - t0, 4))
+    if predictor.calibration is not None:
+        report["gate"]["calibration"] = predictor.calibration
     write_case_report(report, report_dir)
     if png:
         image, _ = rw.read_images(state.image_files)
@@ -211,12 +213,27 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _warn_if_uncalibrated(predictor: GFScreenPredictor) -> None:
-    uncalibrated = [i for i, p in enumerate(predictor.list_of_parameters) if not Gate.rule_from_state_dict(p).calibrated]
-    if uncalibrated and not predictor.dense:
-        print(f"WARNING: the gate of {len(uncalibrated)} of {len(predictor.list_of_parameters)} fold(s) is not "
-              f"calibrated: it selects tiles with p(select) > 0.5 and certifies nothing (see its "
-              f"gfscreen_calibration.json; calibrate with nnUNetv2_gfscreen_calibrate)")
+def _calibrations(predictor: GFScreenPredictor, model_folder: str, folds: Sequence, checkpoint_name: str) -> None:
+    """Each fold's calibration summary for the reports (`predictor.calibration`), printed once; a warning for a
+    fold whose gate is not calibrated."""
+    summaries = []
+    for f, params in zip(folds, predictor.list_of_parameters):
+        try:
+            summaries.append(certificate_summary(load_calibration(join(model_folder, f'fold_{f}'), checkpoint_name)))
+        except KeyError:
+            summaries.append({"calibrated": False, "reason": "the checkpoint holds no calibration record"})
+    if predictor.dense:
+        return
+    for f, s in zip(folds, summaries):
+        if not s["calibrated"]:
+            print(f"WARNING: the gate of fold {f} is not calibrated ({s['reason']}): it selects tiles with "
+                  f"p(select) > 0.5 and certifies nothing; calibrate it with nnUNetv2_gfscreen_calibrate")
+        else:
+            fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+            print(f"gate of fold {f}: calibrated on {s['source']} ({s['method']}); certified: expected lesion-level "
+                  f"sensitivity >= {fmt(s['expected_sensitivity_certified'])}, lesion-level sensitivity >= "
+                  f"{fmt(s['lesion_sensitivity_lower_bound'])} at {100 * s['confidence']:.0f}% confidence")
+    predictor.calibration = summaries[0] if len(summaries) == 1 else {"folds": summaries}
 
 
 def predict_gfscreen_entry_point() -> None:
@@ -252,7 +269,7 @@ def run_predict_gfscreen(argv: Optional[List[str]] = None) -> List[dict]:
     if args.target_sensitivity is not None or args.max_selection is not None:
         predictor.set_fold_rules(rules_from_calibration(model_folder, folds, args.chk, args.target_sensitivity,
                                                         args.max_selection))
-    _warn_if_uncalibrated(predictor)
+    _calibrations(predictor, model_folder, folds, args.chk)
     return predict_folder(predictor, args.i, args.o, args.report_dir, args.png, args.save_probabilities,
                           overwrite=not args.continue_prediction, num_parts=args.num_parts, part_id=args.part_id,
                           num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)

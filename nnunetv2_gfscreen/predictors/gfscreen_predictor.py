@@ -85,6 +85,7 @@ class GFScreenPredictor(GatedSlidingWindowMixin, PredictorHooks):
         if torch_io not in TORCH_IO_MODES:
             raise ValueError(f"torch_io must be one of {TORCH_IO_MODES}, got {torch_io!r}")
         self.torch_io = torch_io
+        self.calibration: Optional[dict] = None  # the calibration summary the CLI puts into each report
         self._init_gated_window(threshold, dense, tile_batch_size, glance_batch_size, border_growth, score_dense, rule)
 
     # ------------------------------------------------------------------ configuration
