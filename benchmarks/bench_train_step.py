@@ -163,7 +163,7 @@ def main() -> None:
                        / results["nnUNetTrainer"]["iteration_s"]}
         table += _rows(label, results)
         phase_table += _phase_rows(label, results)
-    from gfscreen_lab.experiments.reporting import machine_description
+    from gfscreen_lab.experiments.results_files import machine_description
     out = {"machine": machine_description(), "device": str(device), "load_average_before": load_before,
            "load_average_after": os.getloadavg(), "iterations_timed": args.iterations, "warmup": args.warmup,
            "runs": runs}

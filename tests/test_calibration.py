@@ -259,3 +259,29 @@ def test_fold_all_is_never_calibrated_on_its_training_cases(planned_dataset, mon
     record = load_calibration(str(model_folder / "fold_all"))
     assert record["source"].startswith("named calibration cases")
     assert set(record["case_ids"]) == {p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*.nii.gz")}
+
+
+def test_folds_trained_differently_are_refused(planned_dataset, monkeypatch):
+    import json as _json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_gfscreen.trainers.GFScreenTrainer import GFScreenTrainer
+    from tests.nnunet_fixtures import CONFIG
+    from tests.toy_models import make_model_folder, patch_nnunet_paths
+
+    patch_nnunet_paths(monkeypatch, planned_dataset["root"])
+    trainer = "GFScreenTrainer_NoDenseMap"  # a model folder of its own
+    _splits(planned_dataset)
+    model_folder, _ = make_model_folder(planned_dataset, trainer, seed=30, fold=0)
+    make_model_folder(planned_dataset, trainer, seed=31, fold=1)
+    # fold 1 trained with another Glance width (its plans' gfscreen block differed at the time)
+    plans = _json.loads(planned_dataset["plans_file"].read_text())
+    plans["configurations"][CONFIG].setdefault("gfscreen", {})["glance_base_features"] = 3
+    pm = PlansManager(plans)
+    other = GFScreenTrainer.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 2, False)
+    ckpt_file = model_folder / "fold_1" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_file, weights_only=False)
+    ckpt["network_weights"] = other.state_dict()
+    torch.save(ckpt, ckpt_file)
+    for folds in (["0", "1"], ["1"]):
+        with pytest.raises(ValueError, match="fold 1's checkpoint does not fit the network"):
+            _calibrate(monkeypatch, "-tr", trainer, "-f", *folds)

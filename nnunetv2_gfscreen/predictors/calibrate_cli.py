@@ -132,7 +132,11 @@ def calibrate_entry_point() -> None:
     predictors = {}
     for f in folds:
         predictor = GFScreenPredictor(tile_step_size=args.step_size, device=device, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(model_folder, [f], args.chk)
+        try:  # nnU-Net loads the fold's weights into the network the plans describe, strictly
+            predictor.initialize_from_trained_model_folder(model_folder, [f], args.chk)
+        except RuntimeError as e:
+            raise ValueError(f"fold {f}'s checkpoint does not fit the network the model folder's plans describe "
+                             f"(trained with other plans or GF-Screen settings?): {str(e).splitlines()[0]}") from e
         predictors[f] = predictor
     first = predictors[folds[0]]
     for f, p in predictors.items():
