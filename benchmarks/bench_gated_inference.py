@@ -113,7 +113,7 @@ def run(args) -> dict:
 
     threshold: Optional[float] = None
     threshold_note = "the model's calibrated threshold"
-    probe = GFScreenPredictor(device=device, allow_tqdm=False, use_mirroring=False, dense=True)
+    probe = GFScreenPredictor(device=device, allow_tqdm=False, use_mirroring=False, dense=True, score_dense=True)
     probe.manual_initialization(net, pm, cm, None, DATASET_JSON, "GFScreenTrainer", None)
     with torch.no_grad():
         probe.predict_sliding_window_return_logits(volume)
@@ -124,7 +124,7 @@ def run(args) -> dict:
         threshold_note = f"score quantile giving {target:.0%} selection"
 
     results = {"source": source, "shape": list(args.shape), "device": str(device), "tiles": len(scores),
-               "threshold": threshold if threshold is not None else float(net.threshold),
+               "threshold": threshold if threshold is not None else float(net.gate.threshold),
                "threshold_from": threshold_note,
                "machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "torch": torch.__version__,

@@ -26,6 +26,7 @@ PREDICTORS = ("stock dense", "stock gated", "ours dense", "ours gated")
 def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.device, threshold_selection: float,
                     probe_case: List[str], work: str) -> Dict[str, object]:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2_gfscreen.core.gate import Gate, GateRule
     from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 
     on_device = device.type == "cuda"
@@ -38,14 +39,18 @@ def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.devic
         preds[name].initialize_from_trained_model_folder(gfscreen_folder, (0,), "checkpoint_final.pth")
     # the threshold that lets `threshold_selection` of this CT's tiles through
     preds["ours dense"].use_mirroring = False
+    preds["ours dense"].score_dense = True  # the probe needs the tiles' scores
     os.makedirs(os.path.join(work, "probe"), exist_ok=True)
     report = predict_case(preds["ours dense"], probe_case, os.path.join(work, "probe", "case"),
                           os.path.join(work, "probe_reports"))
     scores = np.array([t["score"] for t in report["tiles"]], dtype=np.float64)
     threshold = float(np.quantile(scores, 1 - threshold_selection))
-    preds["ours gated"].threshold = threshold
+    preds["ours dense"].score_dense = False
+    # the threshold alone, as the stock gated path applies it (no floor, fallback or border growth, which could
+    # select every tile of a Focus this young)
+    preds["ours gated"].rule, preds["ours gated"].border_growth = GateRule(threshold=threshold), False
     for params in preds["stock gated"].list_of_parameters:
-        params["threshold"] = torch.tensor(threshold, dtype=torch.float64)
+        Gate.write_rule_into_state_dict(params, GateRule(threshold=threshold))
     preds["threshold"] = threshold
     preds["probe_tiles"] = len(scores)
     return preds
@@ -59,10 +64,22 @@ def one_case(name: str, p, files: List[str], work: str, device: torch.device) ->
     with Peak(device) as peak:
         if name.startswith("stock"):
             net = unwrap_gfscreen_network(p.network) if name == "stock gated" else None
-            before = (net.tiles_scored, net.tiles_selected) if net is not None else None
-            phases = stock_case_phases(p, files, out, device)
-            selection = None if net is None else \
-                (net.tiles_selected - before[1]) / max(1, net.tiles_scored - before[0])
+            counts = [0, 0]  # tiles the network decided on, tiles it selected (every TTA call counts alike)
+            if net is not None:
+                decide = net._decide_tiles
+
+                def counting(x, decide=decide):
+                    selected = decide(x)
+                    counts[0] += selected.numel()
+                    counts[1] += int(selected.sum())
+                    return selected
+                net._decide_tiles = counting
+            try:
+                phases = stock_case_phases(p, files, out, device)
+            finally:
+                if net is not None:
+                    del net._decide_tiles
+            selection = None if net is None else counts[1] / max(1, counts[0])
         else:
             rep = predict_case(p, files, out, os.path.join(work, "reports"))
             phases = {"preprocess": rep["preprocess_seconds"], "sliding_window": rep["sliding_window_seconds"],
