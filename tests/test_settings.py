@@ -64,3 +64,15 @@ def test_renamed_calibration_target_is_refused_with_its_new_name(tmp_path):
     with pytest.warns(UserWarning, match="target_tile_sensitivity"):
         old = GFScreenSettings.from_configuration({"gfscreen": {"group_size": 8, "target_tile_sensitivity": 0.9}})
     assert old.group_size == 8 and old.target_lesion_sensitivity == 0.98
+
+
+def test_the_training_docs_list_every_setting_with_its_default():
+    """docs/training.md's settings table is the dataclass's: every key, with its default."""
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", text, flags=re.M))
+    for f in fields(GFScreenSettings):
+        assert f.name in rows, f"docs/training.md lacks the setting {f.name}"
+        assert float(rows[f.name].strip()) == float(f.default), (f.name, rows[f.name], f.default)

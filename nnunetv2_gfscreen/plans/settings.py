@@ -32,7 +32,7 @@ class GFScreenSettings:
     glance_weight_decay: float = 1e-2
     glance_dense_weight: float = 1.0  # weight of the Glance's dense lesion-map loss (0: tile-level only)
     glance_logit_bound: float = 0.0  # soft bound c * tanh(z / c) on the select logit (shapes the network); 0: off
-    glance_label_smoothing: float = 0.0  # targets y (1 - e) + e / 2 in the dense loss and GRL's CE term; 0: off
+    glance_label_smoothing: float = 0.05  # targets y (1 - e) + e / 2 in the dense loss and GRL's CE term; 0: off
     glance_dense_per_lesion: int = 1  # 1: every lesion in a tile weighs the same in the dense loss; 0: every map voxel
     glance_dense_stage: int = 1  # encoder stage whose output the dense head reads (0 is finer, for small lesions)
     glance_ema_decay: float = 0.99  # EMA of the Glance's weights, used for validation, calibration, inference
@@ -45,7 +45,7 @@ class GFScreenSettings:
     gate_floor: float = 0.02  # share of each case's tiles always selected, by Glance rank (shift-robust)
     # a case whose median tile logit lies outside the calibration cases' range, widened by that range plus this many
     # logits, is gated densely (the fallback); inf turns it off
-    gate_fallback_tolerance: float = 5.0
+    gate_fallback_tolerance: float = 15.0
     gate_border_growth: int = 1  # 1: predict the tiles beyond a lesion cut by the selection's border
 
     def __post_init__(self):
