@@ -27,14 +27,17 @@ def test_floor_adds_the_top_ranked_tiles_whatever_their_logits():
 
 
 def test_fallback_outside_the_envelope_selects_every_tile():
-    logits = L(5, 1, -3, -10)
-    assert case_statistic(logits) == -3.0  # the lower median
-    inside = decide(logits, GateRule(threshold=2.0, envelope=(-5.0, 0.0)))
+    logits = L(5, 1, -3, -10, -12, -11, -9, -8, -10, -11, -13)  # 11 tiles
+    # the baseline: the 10th percentile, the lower order statistic: sorted[int(0.1 * 10)] = sorted[1] = -12
+    assert case_statistic(logits) == -12.0
+    # lesions do not move it, the median would: more lesion tiles, same baseline
+    assert case_statistic(torch.cat([logits[:1].repeat(6), logits[4:]])) == -12.0
+    inside = decide(logits, GateRule(threshold=2.0, envelope=(-15.0, -11.0)))
     assert not inside.fallback and inside.selected.sum() == 1
-    outside = decide(logits, GateRule(threshold=2.0, envelope=(-20.0, -5.0)))
-    assert outside.fallback and outside.selected.all() and outside.by_fallback == 3
-    wider = decide(logits, GateRule(threshold=2.0, envelope=(-20.0, -5.0), fallback_selection=0.5))
-    assert wider.selected.tolist() == [True, True, False, False]
+    outside = decide(logits, GateRule(threshold=2.0, envelope=(-11.5, -5.0)))
+    assert outside.fallback and outside.selected.all() and outside.by_fallback == 10
+    wider = decide(logits, GateRule(threshold=2.0, envelope=(-11.5, -5.0), fallback_selection=0.2))
+    assert wider.selected.tolist() == [True, True, True] + [False] * 8  # top ceil(0.2 * 11) = 3
 
 
 def test_pooled_rule_of_a_fold_ensemble():

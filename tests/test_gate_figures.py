@@ -79,7 +79,7 @@ def test_from_folders_reads_reports_and_labels(tmp_path):
 
 def _block(fallback, floor, grown, by_fallback=0, calibrated=True):
     return {"rule": {"threshold": 1.0}, "calibrated": calibrated, "tiles_by_floor": floor, "fallback": fallback,
-            "tiles_by_fallback": by_fallback, "tiles_grown": grown, "median_logit": -3.0}
+            "tiles_by_fallback": by_fallback, "tiles_grown": grown, "baseline_logit": -3.0}
 
 
 def test_decision_summary_counts_fallbacks_and_added_tiles():

@@ -6,7 +6,7 @@ its voxels lie in the central regions of selected tiles, the floor's tiles inclu
 operating_point.py rule: the highest whose *certified* lesion-level sensitivity reaches the target, or, when the
 cases are too few to certify it, the highest covering every calibration lesion lowered by the
 leave-one-case-out margin, said so in the record. The fallback envelope is the calibration cases' range of the
-median tile logit, widened by that range and `fallback_tolerance` logits (`fit_envelope`).
+baseline tile logit (10th percentile), widened by that range and `fallback_tolerance` logits (`fit_envelope`).
 
 `calibration_record` returns the one record of a calibration (JSON-ready): the rule, what it certifies (for
 the whole rule and for the threshold alone, which is what the stock `nnUNetv2_predict` applies), the operating
@@ -98,13 +98,13 @@ def score_cases(network: GFScreenNetwork, cases: Iterable[Tuple[torch.Tensor, np
 
 
 def fit_envelope(cases: Sequence[CaseCoverage], tolerance: float) -> Optional[Tuple[float, float]]:
-    """The range [lo, hi] of the cases' median tile logit, widened on each side by the range itself plus
-    `tolerance` logits (None: no check, inf tolerance).
+    """The range [lo, hi] of the cases' baseline tile logit (`gate.baseline_logit`), widened on each side by the
+    range itself plus `tolerance` logits (None: no check, inf tolerance).
 
     A new case exchangeable with n calibration cases falls outside [lo, hi] with probability 2 / (n + 1): with
     the 4-16 cases of a fold that would send a third to a tenth of ordinary cases to the fallback. Widening by
-    the observed spread keeps ordinary cases in (a confident Glance's median logit varies by tens of logits
-    from case to case) and leaves the fallback to cases that sit far outside what calibration saw."""
+    the observed spread and a tolerance keeps ordinary cases in and leaves the fallback to cases that sit far
+    outside what calibration saw."""
     if not np.isfinite(tolerance):
         return None
     stats = [c.statistic for c in cases if len(c.tile_scores)]

@@ -22,10 +22,10 @@ class GateReport(TypedDict):
     rule: Optional[dict]            # core.gate.GateRule.to_dict() the case was gated with (None: dense, unscored)
     calibrated: bool                # False: the gate was never calibrated (p(select) > 0.5)
     tiles_by_floor: int             # tiles the floor added beyond the threshold's
-    fallback: bool                  # the case's median logit fell outside the calibration envelope
+    fallback: bool                  # the case's baseline logit fell outside the calibration envelope
     tiles_by_fallback: int
     tiles_grown: int                # tiles border growth added
-    median_logit: Optional[float]
+    baseline_logit: Optional[float]  # 10th-percentile tile logit, the fallback's statistic
     calibration: dict               # calibration.certificate_summary of the model's record (nnUNetv2_predict_gfscreen)
 
 

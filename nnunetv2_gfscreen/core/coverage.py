@@ -17,6 +17,7 @@ from typing import Dict, Optional, Sequence
 import cc3d
 import numpy as np
 
+from nnunetv2_gfscreen.core.gate import baseline_logit
 from nnunetv2_gfscreen.core.lesions import CONNECTIVITY, SIZE_BIN_KEYS, size_bin
 
 MIN_COVERED_FRACTION = 0.9
@@ -56,9 +57,8 @@ class CaseCoverage:
 
     @property
     def statistic(self) -> float:
-        """The case's median tile logit (the gate's out-of-distribution statistic, `gate.case_statistic`)."""
-        return float(np.sort(self.tile_scores)[(len(self.tile_scores) - 1) // 2]) if len(self.tile_scores) \
-            else float("nan")
+        """The case's baseline logit (the gate's out-of-distribution statistic, `gate.baseline_logit`)."""
+        return baseline_logit(self.tile_scores)
 
     def at(self, threshold: float) -> dict:
         """This case's operating point at `threshold` (coverage figures None without lesions)."""

@@ -9,8 +9,9 @@ apart in floating point where calibrated thresholds land. The decision for a cas
 2. the **floor**: the case's top `rule.floor` share of tiles by logit, whatever their logits. A rank does not
    move when a scanner shifts all of a case's scores, so the floor keeps the tiles the Glance finds most
    suspicious even where a shift has pushed every lesion below the threshold;
-3. the **fallback**: when the case's median tile logit lies outside `rule.envelope` (the range seen on the
-   calibration cases, widened), the Glance is looking at a kind of CT it was not calibrated on; then the top
+3. the **fallback**: when the case's baseline, the 10th percentile of its tile logits (where its healthiest
+   tiles sit, which lesions do not move), lies outside `rule.envelope` (the range seen on the calibration cases,
+   widened), the Glance is looking at a kind of CT it was not calibrated on; then the top
    `rule.fallback_selection` share of tiles is selected (1.0: every tile, i.e. dense).
 
 Parts 2 and 3 only ever add tiles, so the lesion coverage that calibration certifies for the threshold holds
@@ -33,7 +34,7 @@ class GateRule:
     """What the gate does with a case's tile logits (see the module docstring)."""
     threshold: float = UNCALIBRATED_THRESHOLD   # logit units
     floor: float = 0.0                          # share of each case's tiles always selected, by rank
-    envelope: Optional[Tuple[float, float]] = None  # (low, high) of the case's median logit; None: no check
+    envelope: Optional[Tuple[float, float]] = None  # (low, high) of the case's baseline logit; None: no check
     fallback_selection: float = 1.0             # share of top tiles selected outside the envelope
     calibrated: bool = False
 
@@ -74,7 +75,7 @@ class GateDecision:
     by_floor: int            # tiles the floor added
     fallback: bool           # the case fell outside the envelope
     by_fallback: int         # tiles the fallback added
-    statistic: float         # the case's median tile logit (nan without tiles)
+    statistic: float         # the case's baseline: 10th-percentile tile logit (nan without tiles)
 
 
 def _check_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -103,10 +104,20 @@ def top_share(logits: torch.Tensor, share: float) -> torch.Tensor:
     return mask
 
 
+BASELINE_QUANTILE = 0.1
+
+
+def baseline_logit(scores) -> float:
+    """The case's baseline: the 10th percentile of its tile logits (the lower order statistic, no interpolation),
+    where its healthiest tiles sit. Lesions do not move it (the median moves with a case's lesion load: from -35
+    to -7 logits between ordinary cases of the method benchmark), a scanner the Glance does not know may."""
+    values = sorted(float(v) for v in scores)
+    return values[int(BASELINE_QUANTILE * (len(values) - 1))] if values else float("nan")
+
+
 def case_statistic(logits: torch.Tensor) -> float:
-    """The case's median tile logit (lower median): where its healthy tiles sit, which a scanner shift moves."""
-    logits = _check_logits(logits)
-    return float(logits.double().median()) if len(logits) else float("nan")
+    """The fallback's statistic of a case's tile logits (T,): `baseline_logit`."""
+    return baseline_logit(_check_logits(logits).double().cpu().tolist())
 
 
 def decide(logits: torch.Tensor, rule: GateRule) -> GateDecision:

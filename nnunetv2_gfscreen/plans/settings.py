@@ -43,9 +43,9 @@ class GFScreenSettings:
     calibration_tile_margin: float = 0.25
     calibration_confidence: float = 0.95  # confidence of the Clopper-Pearson bound the calibration reports
     gate_floor: float = 0.02  # share of each case's tiles always selected, by Glance rank (shift-robust)
-    # a case whose median tile logit lies outside the calibration cases' range, widened by that range plus this many
-    # logits, is gated densely (the fallback); inf turns it off
-    gate_fallback_tolerance: float = 15.0
+    # a case whose baseline tile logit (10th percentile) lies outside the calibration cases' range, widened by that
+    # range plus this many logits, is gated densely (the fallback); inf turns it off
+    gate_fallback_tolerance: float = 5.0
     gate_border_growth: int = 1  # 1: predict the tiles beyond a lesion cut by the selection's border
 
     def __post_init__(self):

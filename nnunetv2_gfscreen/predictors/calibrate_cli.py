@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--floor', type=float, default=None,
                         help="Share of each case's tiles always selected by Glance rank. Default: the plans' gate_floor")
     parser.add_argument('--fallback_tolerance', type=float, default=None,
-                        help="Logits beyond the calibration cases' range of the median tile logit before a case is "
+                        help="Logits beyond the calibration cases' range of the baseline (10th-percentile) tile logit before a case is "
                              "gated densely (inf: never). Default: the plans' gate_fallback_tolerance")
     parser.add_argument('-step_size', type=float, default=0.5, help='Sliding-window step size. Default: 0.5')
     parser.add_argument('-device', type=str, default='cuda', help="'cuda', 'cpu' or 'mps'")

@@ -88,7 +88,7 @@ def build_case_report(case: str, records: Sequence[SlidingWindowRecord], propert
         "gate": {"rule": first.rule, "calibrated": bool(first.rule and first.rule.get("calibrated")),
                  "tiles_by_floor": first.tiles_by_floor, "fallback": first.fallback,
                  "tiles_by_fallback": first.tiles_by_fallback, "tiles_grown": int(np.sum(grown)),
-                 "median_logit": None if np.isnan(first.statistic) else round(first.statistic, 4)},
+                 "baseline_logit": None if np.isnan(first.statistic) else round(first.statistic, 4)},
         "tiles": tiles,
         "lesions": lesions,
     }
