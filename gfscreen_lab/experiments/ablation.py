@@ -1,4 +1,4 @@
-"""`python -m gfscreen_lab.experiments.ablation` (nnUNetv2_gfscreen_ablation): the paper's Glance ablation,
+"""`python -m gfscreen_lab.experiments.ablation`: the Glance ablation,
 re-run on synthetic CT.
 
 Arms (nnunetv2_gfscreen/trainers/variants.py; each changes one thing against the default): the default (GRL +
@@ -115,10 +115,11 @@ def run_ablation(root: Path, settings: DemoSettings, arms: Sequence[Tuple[str, s
 
 
 def ablation_entry_point() -> None:
-    parser = argparse.ArgumentParser(prog="nnUNetv2_gfscreen_ablation",
-                                     description="Re-run the GF-Screen Glance ablation (plain CE, balanced CE, GRL "
-                                                 "with Dice / binary reward, + alpha CE, group size 4 vs 16) on "
-                                                 "synthetic CT and write one table.")
+    parser = argparse.ArgumentParser(prog="python -m gfscreen_lab.experiments.ablation",
+                                     description="Re-run the GF-Screen Glance ablation on synthetic CT (each arm "
+                                                 "changes one thing against the default: the dense map alone, dense "
+                                                 "map + balanced CE without GRL, GRL without the dense map, the Dice "
+                                                 "reward, no CE term, groups of 4) and write one table.")
     parser.add_argument("-o", type=str, default="demo_output/ablation", help="output folder. "
                                                                              "Default: ./demo_output/ablation")
     parser.add_argument("--quick", action="store_true", help="CPU mode: short trainer variants, small dataset")

@@ -1,4 +1,4 @@
-"""`python -m gfscreen_lab.experiments.demo` (nnUNetv2_gfscreen_demo): the whole GF-Screen idea on synthetic CT,
+"""`python -m gfscreen_lab.experiments.demo`: the whole GF-Screen idea on synthetic CT,
 on the CPU, in one command.
 
 Synthetic dataset (conspicuous lesions: a CPU cannot train long enough for realistic ones) ->
@@ -94,7 +94,7 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: boo
 
 
 def demo_entry_point() -> None:
-    parser = argparse.ArgumentParser(prog="nnUNetv2_gfscreen_demo",
+    parser = argparse.ArgumentParser(prog="python -m gfscreen_lab.experiments.demo",
                                      description="GF-Screen demo on synthetic CT: generate test cases, take the "
                                                  "shipped model (or train one on the CPU with --train), predict "
                                                  "dense and gated, evaluate, print one comparison table.")

@@ -292,9 +292,9 @@ def write_dataset(dataset_id: int, num_train: int, num_test: int, seed: int = 0,
 
 
 def make_dataset_entry_point() -> None:
-    """`python -m gfscreen_lab.synthetic.dataset` (nnUNetv2_gfscreen_make_dataset): write a synthetic pan-cancer CT
+    """`python -m gfscreen_lab.synthetic.dataset`: write a synthetic pan-cancer CT
     dataset into $nnUNet_raw."""
-    parser = argparse.ArgumentParser(prog="nnUNetv2_gfscreen_make_dataset",
+    parser = argparse.ArgumentParser(prog="python -m gfscreen_lab.synthetic.dataset",
                                      description="Write a synthetic pan-cancer CT dataset (nnU-Net raw format, "
                                                  "FLARE-style binary lesion labels) into $nnUNet_raw.")
     parser.add_argument("-d", type=int, required=True, help="dataset id (1-999)")
