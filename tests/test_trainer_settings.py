@@ -99,8 +99,9 @@ def test_ablation_arms_change_only_their_hook():
     _, a, terms, _, _ = run(GFScreenTrainer_NoAlphaCE)
     assert a == 0.0 and torch.isclose(terms["grl_losses"], base_terms["grl_losses"] - 0.5 * base_terms["grl_ce"])
     _, _, terms, _, _ = run(GFScreenTrainer_DenseBalancedCE)
-    assert torch.isclose(terms["grl_losses"], 0.5 * balanced_bce(logits, lesion)) and \
-        torch.isclose(terms["grl_ce"], base_terms["grl_ce"])
+    assert torch.isclose(terms["grl_ce"], base_terms["grl_ce"])  # the default's CE term, label smoothing included
+    assert torch.isclose(terms["grl_losses"], 0.5 * base_terms["grl_ce"])
+    assert not torch.isclose(terms["grl_ce"], balanced_bce(logits, lesion))  # the smoothing is on by default
 
 
 def test_without_the_dense_map_the_select_logit_does_not_start_from_it():

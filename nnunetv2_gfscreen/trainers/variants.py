@@ -29,7 +29,9 @@ class GFScreenTrainer_DenseBalancedCE(GFScreenTrainer):
     (alpha x class-balanced CE); the clipped-ratio and KL terms are gone."""
 
     def glance_objective(self, glance_logits, ref_logits, rewards, lesion, group_ids):
-        return _tile_terms(glance_logits, balanced_bce(glance_logits, lesion, check_values=False), self.grl_alpha())
+        ce = balanced_bce(glance_logits, lesion, check_values=False,
+                          label_smoothing=self.gfscreen.glance_label_smoothing)  # the default's CE term, as it is
+        return _tile_terms(glance_logits, ce, self.grl_alpha())
 
 
 class GFScreenTrainer_NoDenseMap(GFScreenTrainer):
