@@ -117,7 +117,8 @@ def main() -> None:
     parser.add_argument("--trainer", type=str, default=SETTINGS.trainer,
                         help="the trainer to train: GFScreenTrainer_DemoLong (the method) or an ablation arm on the "
                              "same schedule, <arm>_DemoLong (gfscreen_lab/trainers.py, e.g. "
-                             f"GFScreenTrainer_DenseOnly_DemoLong). Default: {SETTINGS.trainer}")
+                             "GFScreenTrainer_DenseOnly_DemoLong); GFScreenTrainer_Demo and <arm>_Demo are the same "
+                             f"at a quarter of the iterations. Default: {SETTINGS.trainer}")
     parser.add_argument("--lesion_boost_hu", type=float, default=SETTINGS.lesion_boost_hu,
                         help="HU added inside the lesion label of every training and test image; a --model must have "
                              f"been trained with the same. Default: {SETTINGS.lesion_boost_hu:g}")

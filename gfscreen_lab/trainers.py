@@ -59,9 +59,11 @@ class GFScreenTrainer_DemoLong(GFScreenTrainer_Demo):
     short_epochs = 80
 
 
-# Every ablation arm on two schedules, so that arms differ only in the hook their product class overrides:
-# `<arm>_Short` (ShortSchedule's defaults; `python -m gfscreen_lab.experiments.ablation --quick`) and
-# `<arm>_DemoLong` (the method benchmark's schedule and settings: `benchmarks/learning_check.py --trainer`).
+# Every ablation arm on three schedules, so that arms differ only in the hook their product class overrides:
+# `<arm>_Short` (ShortSchedule's defaults; `python -m gfscreen_lab.experiments.ablation --quick`),
+# `<arm>_DemoLong` (the method benchmark's schedule and settings: `benchmarks/learning_check.py --trainer`) and
+# `<arm>_Demo` (the same settings, a quarter of the iterations: the ablation's one-sitting schedule, whose default
+# arm is GFScreenTrainer_Demo).
 class GFScreenTrainer_Short(ShortSchedule, GFScreenTrainer):
     """The full method (GRL + binary reward + alpha CE + dense map), short schedule."""
 
@@ -84,9 +86,16 @@ class _DemoLongArm(ShortSchedule):
     settings_overrides = dict(GFScreenTrainer_DemoLong.settings_overrides)
 
 
+class _DemoArm(ShortSchedule):
+    short_epochs, short_iterations, short_val_iterations, short_save_every = \
+        GFScreenTrainer_Demo.short_epochs, GFScreenTrainer_Demo.short_iterations, \
+        GFScreenTrainer_Demo.short_val_iterations, GFScreenTrainer_Demo.short_save_every
+    settings_overrides = dict(GFScreenTrainer_Demo.settings_overrides)
+
+
 ARM_VARIANTS = {}
 for _arm in ARMS:
-    for _schedule, _suffix in ((_ShortArm, "_Short"), (_DemoLongArm, "_DemoLong")):
+    for _schedule, _suffix in ((_ShortArm, "_Short"), (_DemoArm, "_Demo"), (_DemoLongArm, "_DemoLong")):
         _cls = _schedule_variant(_arm, _schedule, _suffix)
         ARM_VARIANTS[_cls.__name__] = _cls
         globals()[_cls.__name__] = _cls

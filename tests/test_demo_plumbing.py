@@ -126,12 +126,15 @@ def test_quick_arms_exist_and_keep_their_ablation_switch():
         assert short.settings_overrides == full.settings_overrides
         assert (short.short_epochs, short.short_iterations) == (ShortSchedule.short_epochs,
                                                                 ShortSchedule.short_iterations)
-        if full_name != "GFScreenTrainer":  # the method benchmark's schedule of every arm: DemoLong's
-            long = getattr(lab_trainers, full_name + "_DemoLong")
-            assert issubclass(long, full) and (long.short_epochs, long.short_iterations) == \
-                (lab_trainers.GFScreenTrainer_DemoLong.short_epochs, lab_trainers.GFScreenTrainer_DemoLong.short_iterations)
-            assert long.settings_overrides == {**lab_trainers.GFScreenTrainer_DemoLong.settings_overrides,
-                                               **full.settings_overrides}
+        if full_name != "GFScreenTrainer":  # the method benchmark's schedules of every arm: DemoLong's and Demo's
+            for suffix, default in (("_DemoLong", lab_trainers.GFScreenTrainer_DemoLong),
+                                    ("_Demo", lab_trainers.GFScreenTrainer_Demo)):
+                arm = getattr(lab_trainers, full_name + suffix)
+                assert issubclass(arm, full) and (arm.short_epochs, arm.short_iterations) == \
+                    (default.short_epochs, default.short_iterations)
+                assert arm.settings_overrides == {**default.settings_overrides, **full.settings_overrides}
+                for hook in ("compute_rewards", "grl_alpha", "glance_objective", "dense_objective", "dense_map_weight"):
+                    assert getattr(arm, hook) is getattr(full, hook), (full_name, suffix, hook)
 
 
 def test_ablation_table_formats_percentages_and_missing_values():
