@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,7 +42,6 @@ sys.path.insert(0, str(HERE.parent))  # the lab (not installed)
 from gfscreen_lab.experiments.results_files import machine_description  # noqa: E402
 from gfscreen_lab.experiments.runner import (DEMO_MODEL_DIR, FULL, GFSCREEN_CONFIGURATION,  # noqa: E402
                                              GFSCREEN_MODEL_FOLDER, Runner, TestSet)
-from gfscreen_lab.ext_trainer_env import lab_environment  # noqa: E402
 
 COMMANDS = {
     "a": "stock nnUNetv2_predict, plain nnU-Net model (dense)",
@@ -60,8 +59,10 @@ DEMO_CASES = TestSet("demo", 942, FULL.seed, FULL.num_train, FULL.num_test, FULL
 
 @dataclass(frozen=True)
 class Setup:
-    """Where the commands find their models and cases, and how they run."""
-    dataset_id: int
+    """Where the commands find their models (nnUNet_results/<dataset_name>/<trainer>__nnUNetPlans__<configuration>,
+    the GF-Screen model and its plain twin) and cases, and how they run."""
+    results: str
+    dataset_name: str
     configuration: str
     gfscreen_trainer: str
     input_folder: str
@@ -69,12 +70,21 @@ class Setup:
     npp: int = 0
     nps: int = 0
 
+    def model_folder(self, trainer: str) -> Path:
+        return Path(self.results) / self.dataset_name / f"{trainer}__nnUNetPlans__{self.configuration}"
+
 
 # ---------------------------------------------------------------------- model folders
-def set_mirroring_axes(checkpoint_file: Path, axes) -> None:
+def prepare_gfscreen_copy(checkpoint_file: Path, axes=TTA_AXES, threshold: Optional[float] = None) -> None:
+    """Give a benchmark copy of a GF-Screen checkpoint test-time mirroring axes and, when given, another gate
+    threshold (a logit; the rest of its rule stays)."""
     import torch
+    from nnunetv2_gfscreen.core.gate import Gate
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     checkpoint["inference_allowed_mirroring_axes"] = None if axes is None else tuple(axes)
+    if threshold is not None:
+        weights = checkpoint["network_weights"]
+        Gate.write_rule_into_state_dict(weights, Gate.rule_from_state_dict(weights).with_threshold(threshold))
     torch.save(checkpoint, checkpoint_file)
 
 
@@ -99,14 +109,11 @@ def make_plain_model(gfscreen_model: Path, plain_model: Path, mirroring_axes=TTA
                    plain_model / fold.name / "checkpoint_final.pth")
 
 
-def model_folder(root: Path, dataset_name: str, trainer: str, configuration: str) -> Path:
-    return root / "nnUNet_results" / dataset_name / f"{trainer}__nnUNetPlans__{configuration}"
-
 
 # ---------------------------------------------------------------------- the commands
 def command_argv(key: str, setup: Setup, out: Path, tta: bool) -> List[str]:
     """The command line of command `key` (COMMANDS) predicting setup.input_folder into `out`."""
-    common = ["-i", setup.input_folder, "-o", str(out), "-d", str(setup.dataset_id), "-c", setup.configuration,
+    common = ["-i", setup.input_folder, "-o", str(out), "-d", setup.dataset_name, "-c", setup.configuration,
               "-f", "0", "-device", setup.device, "-npp", str(setup.npp), "-nps", str(setup.nps),
               "--disable_progress_bar", *([] if tta else ["--disable_tta"])]
     if key == "a":
@@ -190,31 +197,48 @@ def label_differences(reference: Path, other: Path, ending: str = ".nii.gz") -> 
 
 
 # ---------------------------------------------------------------------- the benchmark
+def prepare_models(setup: Setup, threshold: Optional[float] = None) -> None:
+    """Turn the GF-Screen model folder where setup's commands look for it into the benchmark's copy
+    (prepare_gfscreen_copy: mirroring axes, threshold), and write its plain nnU-Net twin beside it."""
+    gfscreen = setup.model_folder(setup.gfscreen_trainer)
+    for checkpoint in gfscreen.glob("fold_*/checkpoint_final.pth"):
+        prepare_gfscreen_copy(checkpoint, TTA_AXES, threshold)
+    make_plain_model(gfscreen, setup.model_folder(PLAIN_TRAINER))
+
+
+def install_models(setup: Setup, source: Path, threshold: Optional[float] = None) -> None:
+    """Copy the GF-Screen model folder `source` to where setup's commands look for it, then `prepare_models`."""
+    target = setup.model_folder(setup.gfscreen_trainer)
+    if target.is_dir():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.md"))
+    prepare_models(setup, threshold)
+
+
 def prepare(root: Path, test_set: TestSet = DEMO_CASES, device: str = "cpu", npp: int = 0, nps: int = 0):
     """The demo's test cases and the shipped model (with TTA axes) plus its plain nnU-Net twin, through the
     experiment Runner; returns (runner, setup)."""
     settings = FULL
     root.mkdir(parents=True, exist_ok=True)
     r = Runner(root, settings, device)
-    os.environ.update(lab_environment(os.environ))  # the in-process phases of (b) look up the lab's trainer too
     raw = r.make_test_set(test_set)
     r.install_model(DEMO_MODEL_DIR / GFSCREEN_MODEL_FOLDER, settings.trainer)
     gfscreen = r.fold_folder(settings.trainer).parent
-    set_mirroring_axes(gfscreen / "fold_0" / "checkpoint_final.pth", TTA_AXES)
-    make_plain_model(gfscreen, model_folder(r.root, r.dataset_name, PLAIN_TRAINER, GFSCREEN_CONFIGURATION))
-    setup = Setup(settings.dataset_id, GFSCREEN_CONFIGURATION, settings.trainer, str(raw / "imagesTs"), device,
-                  npp, nps)
+    setup = Setup(str(gfscreen.parent.parent), r.dataset_name, GFSCREEN_CONFIGURATION, settings.trainer,
+                  str(raw / "imagesTs"), device, npp, nps)
+    prepare_models(setup)
     return r, setup
 
 
-def run_commands(r: Runner, setup: Setup, ttas: Sequence[bool] = (False, True), keys: Sequence[str] = "abcd",
-                 time_left=None) -> dict:
-    """Every command (keys) with every TTA setting, in sequence, then the in-process phases of (a) and (b).
-    `time_left` (seconds, a callable): a command whose estimate (its own TTA-off wall time, x8 for TTA on) does
-    not fit is skipped and listed."""
+def run_commands(setup: Setup, env: dict, work: Path, ttas: Sequence[bool] = (False, True),
+                 keys: Sequence[str] = "abcd", time_left: Optional[Callable[[], float]] = None,
+                 say: Callable[[str], None] = print) -> dict:
+    """Every command (keys) with every TTA setting, in sequence (child processes with `env`, nnUNet_results set
+    to setup.results), then the in-process phases of (a) and (b). `time_left` (seconds): a command whose
+    estimate (its own TTA-off wall time, x8 for TTA on) does not fit is skipped and listed."""
     import torch
     from nnunetv2_gfscreen.predictors.cli import _device
-    work = r.root / "commands"
+    env = {**env, "nnUNet_results": setup.results}
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     case_files = sorted(str(p) for p in Path(setup.input_folder).glob("*_0000.nii.gz"))
@@ -229,7 +253,7 @@ def run_commands(r: Runner, setup: Setup, ttas: Sequence[bool] = (False, True), 
                 continue
             out = work / f"{key}_tta{int(tta)}"
             row = {"key": key, "command": COMMANDS[key], "tta": tta, "cases": n_cases,
-                   **run_command(key, setup, out, tta, r.env, logs)}
+                   **run_command(key, setup, out, tta, env, logs)}
             row["seconds_per_case"] = row["wall_seconds"] / n_cases
             probe = row["probe"]
             if key == "b":
@@ -238,12 +262,16 @@ def run_commands(r: Runner, setup: Setup, ttas: Sequence[bool] = (False, True), 
                 row["phases"] = report_phases(out / "reports")
                 row["selection_ratio"] = row["phases"]["selection_ratio"]
                 row["pipeline_seconds"] = json.loads((out / "gfscreen_pipeline.json").read_text())["pipeline_seconds"]
-            r.say(f"[{key}] TTA {'on ' if tta else 'off'} {row['wall_seconds']:7.2f} s  {COMMANDS[key]}")
+            say(f"[{key}] TTA {'on ' if tta else 'off'} {row['wall_seconds']:7.2f} s  {COMMANDS[key]}")
             rows.append(row)
-    # nnU-Net's own steps in-process: where (a)'s and (b)'s time goes (not part of the timed commands)
-    device = _device(setup.device)
-    models = {"a": model_folder(r.root, r.dataset_name, PLAIN_TRAINER, setup.configuration),
-              "b": model_folder(r.root, r.dataset_name, setup.gfscreen_trainer, setup.configuration)}
+    # nnU-Net's own steps in-process: where (a)'s and (b)'s time goes (not part of the timed commands); this
+    # process looks the trainers up where the commands did
+    os.environ["nnUNet_extTrainer"] = env.get("nnUNet_extTrainer", os.environ.get("nnUNet_extTrainer", ""))
+    try:
+        device = _device(setup.device)  # the commands' thread settings
+    except RuntimeError:  # CUDA: interop threads can only be set before torch's first parallel work
+        device = torch.device(setup.device)
+    models = {"a": setup.model_folder(PLAIN_TRAINER), "b": setup.model_folder(setup.gfscreen_trainer)}
     for row in rows:
         if row["key"] in models and (time_left is None or time_left() > row["wall_seconds"]):
             row["phases"] = stock_phases(models[row["key"]], [[f] for f in case_files], row["tta"], device,
@@ -383,7 +411,7 @@ def main() -> None:
     test_set = DEMO_CASES if args.cases == DEMO_CASES.num_cases else \
         replace(DEMO_CASES, key=f"demo{args.cases}", dataset_id=DEMO_CASES.dataset_id + 10, num_cases=args.cases)
     r, setup = prepare(Path(args.o), test_set, args.device, args.npp, args.nps)
-    result = run_commands(r, setup, [bool(t) for t in args.tta], args.commands)
+    result = run_commands(setup, r.env, r.root / "commands", [bool(t) for t in args.tta], args.commands, say=r.say)
     result.update(test_set=f"{test_set.description}, {list(test_set.shape)} voxels, lesions raised by "
                            f"{FULL.lesion_boost_hu:g} HU", model=f"{DEMO_MODEL_DIR / GFSCREEN_MODEL_FOLDER} "
                            f"(its calibrated rule)", machine=machine_description(), setup=asdict(setup))

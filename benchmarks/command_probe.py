@@ -14,6 +14,7 @@ import json
 import resource
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 
 T_STARTED = time.time()
 
@@ -44,9 +45,11 @@ def _timed_model_loading(record: dict) -> None:
     nnUNetPredictor.initialize_from_trained_model_folder = timed
 
 
-def _counted_gate(record: dict) -> None:
-    """Count the tiles the network's gate scores (a flipped TTA copy reuses its tile's decision and is not scored
-    again) and selects, into record['gate_tiles_scored'] and record['gate_tiles_selected']."""
+@contextmanager
+def counting_gate(record: dict):
+    """While open, count the tiles the GF-Screen network's gate scores (a flipped TTA copy reuses its tile's
+    decision and is not scored again) and selects, into record['gate_tiles_scored'] and
+    record['gate_tiles_selected']."""
     import nnunetv2_gfscreen.core.network as network
     original = network.select_tiles
     record.update(gate_tiles_scored=0, gate_tiles_selected=0)
@@ -58,6 +61,10 @@ def _counted_gate(record: dict) -> None:
         return selected
 
     network.select_tiles = counted
+    try:
+        yield record
+    finally:
+        network.select_tiles = original
 
 
 def _cuda_peak_gib():
@@ -82,12 +89,13 @@ def main(argv=None) -> int:
     entry = getattr(importlib.import_module(module_name), function)
     record["imported"] = time.time()
     _timed_model_loading(record)
-    if count_gate:
-        _counted_gate(record)
     sys.argv = command
     code = 1
     try:
-        result = entry()
+        with ExitStack() as stack:
+            if count_gate:
+                stack.enter_context(counting_gate(record))
+            result = entry()
         code = result if isinstance(result, int) else 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -54,22 +54,21 @@ def test_plain_model_holds_the_focus_weights_under_plain_names(tmp_path):
         bc.make_plain_model(bad, tmp_path / "bad_plain")
 
 
-def test_probe_counts_each_tile_once_through_mirrored_copies(monkeypatch):
+def test_probe_counts_each_tile_once_through_mirrored_copies():
     import nnunetv2_gfscreen.core.network as network
     from tests.toy_models import PATCH, toy_network
     probe = _load("command_probe")
-    monkeypatch.setattr(network, "select_tiles", network.select_tiles)  # restored after the test
-    record = {}
-    probe._counted_gate(record)
+    original = network.select_tiles
     net = toy_network(offset=0.0, threshold=0.0)
     x = torch.zeros((3, 1, *PATCH))
     x[0] += 1.0   # mean intensity 1 -> logit 10 > 0: selected
     x[1] -= 1.0   # logit -10: rejected
     x[2, :, :8] += 1.0  # mean 0.5 -> logit 5: selected
-    with torch.no_grad():
+    with probe.counting_gate({}) as record, torch.no_grad():
         net(x)
         net(torch.flip(x, (2,)))  # nnU-Net's TTA: a flipped copy reuses the decision, no Glance pass
     assert record == {"gate_tiles_scored": 3, "gate_tiles_selected": 2}
+    assert network.select_tiles is original
 
 
 def test_report_phases_and_label_differences(tmp_path):

@@ -4,6 +4,7 @@ It runs the way the GPU machine runs it: without SimpleITK (blocked here; the sc
 stand-in and read/write NIfTI through NibabelIO) and without the packages the carried wheels leave out.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,14 +31,15 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
     r = json.loads((out / "gpu_check.json").read_text())
 
     assert r["profile"] == "smoke" and r["plans"]["patch_size"] == [16, 32, 32]
-    assert set(r["stages"]) == {"data_seconds", "plan_seconds", "train_seconds", "inference_seconds", "total_seconds"}
+    assert set(r["stages"]) == {"data_seconds", "plan_seconds", "train_seconds", "inference_seconds",
+                                "commands_seconds", "total_seconds"}
     for trainer in ("nnUNetTrainer_GPUCheck", "GFScreenTrainer_GPUCheck"):
         t = r["training"][trainer]
         assert len(t["epochs"]) == 2 and t["seconds_per_iteration"] > 0 and t["epoch_seconds_extrapolated"] > 0
         assert t["compile"] is False and "peak_gpu_memory_gib" not in t  # CPU: nnU-Net does not compile
     fv = r["training"]["GFScreenTrainer_GPUCheck"]["final_validation"]
     assert len(fv["compiled_graphs_per_case"]) == 2 and fv["recompilations_after_first_case"] == 0  # 2 val cases
-    assert 0 < fv["threshold"] < 1   # calibrated before the final validation
+    assert math.isfinite(fv["threshold"])   # a logit, calibrated before the final validation
 
     inf = r["inference"]
     assert inf["skipped"] == []
@@ -56,6 +58,24 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
         masks = list((out / "work" / f"folder_{name.replace(' ', '_')}").glob("*.nii.gz"))
         assert len(masks) == 2, name
     assert all(v is not None and v > 0 for v in inf["speedups"].values())
+
+    # the whole commands (bench_commands.py's table), each a fresh process, on the 2 test cases
+    c = r["commands"]
+    assert c["skipped"] == [] and c["cases"] == 2
+    assert sorted((row["key"], row["tta"]) for row in c["rows"]) == sorted((k, t) for k in "abcd" for t in (False, True))
+    for row in c["rows"]:
+        assert row["wall_seconds"] > row["startup_seconds"] > 0 and row["model_loading_seconds"] > 0
+        assert row["peak_rss_mib"] > 0 and row["peak_gpu_memory_gib"] is None and row["speedup_vs_a"] > 0
+        assert row["phases"]["case_total"] > 0   # (a), (b) in-process, (c), (d) from the reports
+        if row["key"] == "d":
+            assert row["label_voxels_differing_from_a"] == 0 and row["selection_ratio"] == 1.0
+        elif row["key"] in "bc":
+            assert 0.05 <= row["selection_ratio"] <= 0.5, row   # the forced threshold (and for (c) the floor)
+    assert "| (c) nnUNetv2_predict_gfscreen (gated) | on |" in c["table"]
+    for key in "abcd":
+        assert len(list((out / "work" / "commands" / f"{key}_tta1").glob("*.nii.gz"))) == 2, key
+
     assert set(r["verdict"]) == {"epoch_time_ratio", "epoch_time_ok", "one_case_tta_speedup", "one_case_ok",
-                                 "folder_speedup", "folder_ok", "recompilations_after_warmup", "recompilation_ok"}
-    assert r["table"] in proc.stdout and "targets:" in r["table"]
+                                 "folder_speedup", "folder_ok", "command_tta_speedup", "command_ok",
+                                 "recompilations_after_warmup", "recompilation_ok"}
+    assert r["table"] in proc.stdout and "targets:" in r["table"] and c["table"] in r["table"]

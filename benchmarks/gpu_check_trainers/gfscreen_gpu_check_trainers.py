@@ -115,5 +115,5 @@ class GFScreenTrainer_GPUCheck(_CheckMixin, GFScreenTrainer):
         self.check["final_validation"] = {
             "seconds": time.perf_counter() - t0, "compiled_graphs": _compiled_graphs() - start,
             "compiled_graphs_per_case": per_case, "recompilations_after_first_case": sum(per_case[1:]),
-            "threshold": float(self._gfscreen_network().threshold)}
+            "threshold": float(self._gfscreen_network().gate.threshold)}
         self._write_check()
