@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -69,22 +69,22 @@ class Setup:
     device: str = "cpu"
     npp: int = 0
     nps: int = 0
+    gfscreen_args: Tuple[str, ...] = ()  # further arguments of nnUNetv2_predict_gfscreen ((c), (d))
 
     def model_folder(self, trainer: str) -> Path:
         return Path(self.results) / self.dataset_name / f"{trainer}__nnUNetPlans__{self.configuration}"
 
 
 # ---------------------------------------------------------------------- model folders
-def prepare_gfscreen_copy(checkpoint_file: Path, axes=TTA_AXES, threshold: Optional[float] = None) -> None:
-    """Give a benchmark copy of a GF-Screen checkpoint test-time mirroring axes and, when given, another gate
-    threshold (a logit; the rest of its rule stays)."""
+def prepare_gfscreen_copy(checkpoint_file: Path, axes=TTA_AXES, rule=None) -> None:
+    """Give a benchmark copy of a GF-Screen checkpoint test-time mirroring axes and, when given, another gate rule
+    (a `GateRule`)."""
     import torch
     from nnunetv2_gfscreen.core.gate import Gate
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     checkpoint["inference_allowed_mirroring_axes"] = None if axes is None else tuple(axes)
-    if threshold is not None:
-        weights = checkpoint["network_weights"]
-        Gate.write_rule_into_state_dict(weights, Gate.rule_from_state_dict(weights).with_threshold(threshold))
+    if rule is not None:
+        Gate.write_rule_into_state_dict(checkpoint["network_weights"], rule)
     torch.save(checkpoint, checkpoint_file)
 
 
@@ -120,7 +120,8 @@ def command_argv(key: str, setup: Setup, out: Path, tta: bool) -> List[str]:
         return ["nnUNetv2_predict", *common, "-tr", PLAIN_TRAINER]
     if key == "b":
         return ["nnUNetv2_predict", *common, "-tr", setup.gfscreen_trainer]
-    ours = ["nnUNetv2_predict_gfscreen", *common, "-tr", setup.gfscreen_trainer, "--report_dir", str(out / "reports")]
+    ours = ["nnUNetv2_predict_gfscreen", *common, "-tr", setup.gfscreen_trainer, "--report_dir", str(out / "reports"),
+            *setup.gfscreen_args]
     if key == "c":
         return ours
     if key == "d":
@@ -197,22 +198,22 @@ def label_differences(reference: Path, other: Path, ending: str = ".nii.gz") -> 
 
 
 # ---------------------------------------------------------------------- the benchmark
-def prepare_models(setup: Setup, threshold: Optional[float] = None) -> None:
+def prepare_models(setup: Setup, rule=None) -> None:
     """Turn the GF-Screen model folder where setup's commands look for it into the benchmark's copy
-    (prepare_gfscreen_copy: mirroring axes, threshold), and write its plain nnU-Net twin beside it."""
+    (prepare_gfscreen_copy: mirroring axes, gate rule), and write its plain nnU-Net twin beside it."""
     gfscreen = setup.model_folder(setup.gfscreen_trainer)
     for checkpoint in gfscreen.glob("fold_*/checkpoint_final.pth"):
-        prepare_gfscreen_copy(checkpoint, TTA_AXES, threshold)
+        prepare_gfscreen_copy(checkpoint, TTA_AXES, rule)
     make_plain_model(gfscreen, setup.model_folder(PLAIN_TRAINER))
 
 
-def install_models(setup: Setup, source: Path, threshold: Optional[float] = None) -> None:
+def install_models(setup: Setup, source: Path, rule=None) -> None:
     """Copy the GF-Screen model folder `source` to where setup's commands look for it, then `prepare_models`."""
     target = setup.model_folder(setup.gfscreen_trainer)
     if target.is_dir():
         shutil.rmtree(target)
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.md"))
-    prepare_models(setup, threshold)
+    prepare_models(setup, rule)
 
 
 def prepare(root: Path, test_set: TestSet = DEMO_CASES, device: str = "cpu", npp: int = 0, nps: int = 0):

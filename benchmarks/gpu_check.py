@@ -229,7 +229,8 @@ def table(r: dict) -> str:
     lines += [f"skipped: {s}" for s in inf["skipped"]]
     c = r["commands"]
     lines += [f"whole commands (benchmarks/bench_commands.py) on {c['cases']} test case(s), -npp {c['npp']} "
-              f"-nps {c['nps']}, the gate threshold as above, TTA axes (0, 1, 2) in the model copies:", c["table"]]
+              f"-nps {c['nps']}, the gate threshold as above alone, (c) and (d) with --no_border_growth, TTA axes "
+              f"(0, 1, 2) in the model copies:", c["table"]]
     lines += [f"skipped: {s}" for s in c["skipped"]]
     v = r["verdict"]
     lines.append(f"targets: epoch ratio {f(v['epoch_time_ratio'])} (<= 1.5: {v['epoch_time_ok']}), one CT TTA "

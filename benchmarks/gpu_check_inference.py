@@ -28,6 +28,7 @@ PREDICTORS = ("stock dense", "stock gated", "ours dense", "ours gated")
 def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.device, threshold_selection: float,
                     probe_case: List[str], work: str) -> Dict[str, object]:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2_gfscreen.core.gate import GateRule
     from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor
 
     on_device = device.type == "cuda"
@@ -46,7 +47,9 @@ def load_predictors(stock_folder: str, gfscreen_folder: str, device: torch.devic
     report = predict_case(probe, probe_case, os.path.join(work, "probe", "case"), os.path.join(work, "probe_reports"))
     scores = np.array([t["score"] for t in report["tiles"]], dtype=np.float64)
     threshold = float(np.quantile(scores, 1 - threshold_selection))
-    preds["ours gated"].threshold = threshold
+    # a few epochs teach the Glance and the Focus nothing: the rule is the threshold alone (no floor, no fallback
+    # envelope) and the selection does not grow where the untrained Focus marks lesion at its border
+    preds["ours gated"].rule, preds["ours gated"].border_growth = GateRule(threshold=threshold), False
     for params in preds["stock gated"].list_of_parameters:  # the stock path reads the gate from the weights
         params["gate.threshold"] = torch.tensor(threshold, dtype=torch.float64)
     preds["threshold"] = threshold
@@ -127,10 +130,12 @@ def run_commands_stage(gfscreen_model: str, threshold: float, test_folder: str, 
                        device: str, npp: int, nps: int, time_left: Callable[[], float]) -> dict:
     """bench_commands.py's table on this check's data: the four commands (stock on a plain nnU-Net twin of the
     GF-Screen model, stock -tr GF-Screen, ours gated and --dense), each a fresh process, TTA off and on, on the
-    first `n_cases` test cases; the copies of the model get the check's forced gate threshold and TTA axes."""
+    first `n_cases` test cases; as in `load_predictors`, the copies of the model gate by the forced threshold
+    alone (and get TTA axes), and ours runs with --no_border_growth."""
     import shutil
     from pathlib import Path
     from bench_commands import Setup, install_models, run_commands, table
+    from nnunetv2_gfscreen.core.gate import GateRule
     in_folder = os.path.join(work, "commands_input")
     os.makedirs(in_folder, exist_ok=True)
     for name in sorted(f for f in os.listdir(test_folder) if f.endswith("_0000.nii.gz"))[:n_cases]:
@@ -138,8 +143,8 @@ def run_commands_stage(gfscreen_model: str, threshold: float, test_folder: str, 
     model = Path(gfscreen_model)
     trainer, _, configuration = model.name.split("__")
     setup = Setup(os.path.join(work, "commands_results"), model.parent.name, configuration, trainer, in_folder,
-                  device, npp, nps)
-    install_models(setup, model, threshold)
+                  device, npp, nps, ("--no_border_growth",))
+    install_models(setup, model, GateRule(threshold=threshold))
     result = run_commands(setup, dict(os.environ), Path(work) / "commands", time_left=time_left)
     result["table"] = table(result)
     return result
