@@ -83,10 +83,11 @@ def _stock(pm, cm, net, device, tta: bool) -> nnUNetPredictor:
     return p
 
 
-def _ours(pm, cm, net, device, tta: bool, threshold: float, torch_io: str, dense: bool = False) -> GFScreenPredictor:
+def _ours(pm, cm, net, device, tta: bool, threshold: float, torch_io: str, dense: bool = False,
+          score_dense: bool = False) -> GFScreenPredictor:
     p = GFScreenPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
                           perform_everything_on_device=device.type == "cuda", device=device, allow_tqdm=False,
-                          threshold=threshold, dense=dense, torch_io=torch_io)
+                          threshold=threshold, dense=dense, torch_io=torch_io, score_dense=score_dense)
     p.manual_initialization(net, pm, cm, [copy.deepcopy(net.state_dict())], DATASET_JSON, "GFScreenTrainer",
                             (0, 1, 2) if tta else None)
     return p
@@ -100,7 +101,7 @@ def _stock_folder(p: nnUNetPredictor, in_folder: str, out_folder: str, npp: int,
 
 
 def _gate_threshold(pm, cm, net, device, case_file: str, selection: float, work: str) -> float:
-    probe = _ours(pm, cm, net, device, False, None, "auto", dense=True)
+    probe = _ours(pm, cm, net, device, False, None, "auto", dense=True, score_dense=True)  # --dense --score_tiles
     report = predict_case(probe, [case_file], os.path.join(work, "probe"), os.path.join(work, "probe_reports"))
     scores = np.array([t["score"] for t in report["tiles"]])
     return float(np.quantile(scores, 1 - selection))

@@ -9,7 +9,9 @@ docs/benchmarks.md says how to run it on a GPU machine without nnU-Net). Stages,
               benchmarks/gpu_check_trainers/), same plans, torch.compile as nnU-Net decides (on for CUDA):
               seconds per training iteration after warm-up, peak GPU memory, and for GF-Screen the
               torch.compile graphs compiled during its final validation (recompilations after the first case)
-  4. infer    the four predictors on one CT (TTA on/off, phases) and on a folder (gpu_check_inference.py)
+  4. infer    the four predictors on one CT (TTA on/off, phases) in-process, the four whole commands on a few
+              test cases (bench_commands.py's table: each a fresh process, TTA off and on), then the four
+              predictors on the test folder in-process (gpu_check_inference.py)
 Writes <out>/gpu_check.json and prints a table. --smoke: the same code on the CPU with tiny data and a narrow
 network (a test runs it).
 """
@@ -30,14 +32,14 @@ sys.path.insert(0, ROOT)
 DATASET_ID, DATASET_NAME = 991, "GFScreenGPUCheck"
 PROFILES = {
     "gpu": dict(shape=(110, 512, 512), n_train=6, n_test=10, epochs=2, iterations=20, val_iterations=5,
-                device="cuda", budget_s=510, npp=3, nps=3, selection=0.17),
+                device="cuda", budget_s=510, npp=3, nps=3, selection=0.17, command_cases=3),
     "smoke": dict(shape=(24, 64, 64), n_train=6, n_test=2, epochs=2, iterations=2, val_iterations=1,
-                  device="cpu", budget_s=600, npp=1, nps=1, selection=0.17),
+                  device="cpu", budget_s=600, npp=1, nps=1, selection=0.17, command_cases=2),
 }
 SMOKE_PATCH = [16, 32, 32]
 ITERATIONS_PER_EPOCH, VAL_ITERATIONS_PER_EPOCH = 250, 50  # nnU-Net's epoch, for the extrapolated epoch time
 TARGETS = {"epoch_time_ratio_max": 1.5, "one_case_tta_speedup_min": 4.0, "folder_speedup_min": 4.0,
-           "recompilations_after_warmup_max": 0}
+           "command_tta_speedup_min": 4.0, "recompilations_after_warmup_max": 0}
 
 
 def _write_case(task) -> str:
@@ -153,7 +155,7 @@ def run(args, p: dict, result: dict) -> dict:
     result["stages"]["train_seconds"] = sum(v["command_seconds"] for v in training.values())
 
     import torch
-    from gpu_check_inference import load_predictors, run_inference, speedups
+    from gpu_check_inference import load_predictors, run_commands_stage, run_folder, run_one_case, speedups
     from nnunetv2_gfscreen.predictors.cli import _device
     try:
         device = _device(p["device"])  # the CLIs' thread settings (1 torch thread with CUDA)
@@ -164,10 +166,19 @@ def run(args, p: dict, result: dict) -> dict:
     one = [os.path.join(test_folder, sorted(os.listdir(test_folder))[0])]
     preds = load_predictors(model_folders["nnUNetTrainer_GPUCheck"], model_folders["GFScreenTrainer_GPUCheck"],
                             device, p["selection"], one, folders["work"])
-    inference = run_inference(preds, one, test_folder, folders["work"], device, p["npp"], p["nps"], time_left)
-    inference.update(threshold=preds["threshold"], tiles_per_case=preds["probe_tiles"], speedups=speedups(inference))
+    inference = run_one_case(preds, one, folders["work"], device, time_left)
+    inference.update(threshold=preds["threshold"], tiles_per_case=preds["probe_tiles"])
     result["inference"] = inference
     result["stages"]["inference_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()  # the whole commands before the folder runs, which the budget skips first
+    result["commands"] = run_commands_stage(model_folders["GFScreenTrainer_GPUCheck"], preds["threshold"], test_folder,
+                                            p["command_cases"], folders["work"], p["device"], p["npp"], p["nps"],
+                                            time_left)
+    result["stages"]["commands_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run_folder(preds, inference, test_folder, folders["work"], device, p["npp"], p["nps"], time_left)
+    inference["speedups"] = speedups(inference)
+    result["stages"]["inference_seconds"] += time.perf_counter() - t
     result["stages"]["total_seconds"] = time.perf_counter() - t_start
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                          "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -182,9 +193,12 @@ def verdict(r: dict) -> dict:
     s = r["inference"]["speedups"]
     recompiles = tr["GFScreenTrainer_GPUCheck"].get("final_validation", {}).get("recompilations_after_first_case")
     one, fold = s.get("one_case_tta_on_ours_gated"), s.get("folder_ours_gated")
+    command = next((row["speedup_vs_a"] for row in r["commands"]["rows"] if row["key"] == "c" and row["tta"]), None)
     return {"epoch_time_ratio": ratio, "epoch_time_ok": ratio <= TARGETS["epoch_time_ratio_max"],
             "one_case_tta_speedup": one, "one_case_ok": one is not None and one >= TARGETS["one_case_tta_speedup_min"],
             "folder_speedup": fold, "folder_ok": fold is not None and fold >= TARGETS["folder_speedup_min"],
+            "command_tta_speedup": command,
+            "command_ok": command is not None and command >= TARGETS["command_tta_speedup_min"],
             "recompilations_after_warmup": recompiles,
             "recompilation_ok": recompiles is not None and recompiles <= TARGETS["recompilations_after_warmup_max"]}
 
@@ -213,11 +227,16 @@ def table(r: dict) -> str:
         lines.append(f"folder {row['predictor']:12} TTA {'on' if row['tta'] else 'off'}: {row['cases']} cases in "
                      f"{row['seconds']:.1f} s ({row['cases_per_minute']:.1f}/min)")
     lines += [f"skipped: {s}" for s in inf["skipped"]]
+    c = r["commands"]
+    lines += [f"whole commands (benchmarks/bench_commands.py) on {c['cases']} test case(s), -npp {c['npp']} "
+              f"-nps {c['nps']}, the gate threshold as above alone, (c) and (d) with --no_border_growth, TTA axes "
+              f"(0, 1, 2) in the model copies:", c["table"]]
+    lines += [f"skipped: {s}" for s in c["skipped"]]
     v = r["verdict"]
     lines.append(f"targets: epoch ratio {f(v['epoch_time_ratio'])} (<= 1.5: {v['epoch_time_ok']}), one CT TTA "
                  f"x{f(v['one_case_tta_speedup'])} (>= 4: {v['one_case_ok']}), folder x{f(v['folder_speedup'])} "
-                 f"(>= 4: {v['folder_ok']}), recompilations after warm-up {v['recompilations_after_warmup']} "
-                 f"(0: {v['recompilation_ok']})")
+                 f"(>= 4: {v['folder_ok']}), command TTA x{f(v['command_tta_speedup'])} (>= 4: {v['command_ok']}), "
+                 f"recompilations after warm-up {v['recompilations_after_warmup']} (0: {v['recompilation_ok']})")
     return "\n".join(lines)
 
 

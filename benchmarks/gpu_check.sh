@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: bash benchmarks/gpu_check.sh [--smoke] [--out DIR] [--budget_s S]
 # Measures GFScreenTrainer's epoch time and memory against nnUNetTrainer, recompilations in the final
-# validation, and the four predictors on one CT and a folder (benchmarks/gpu_check.py says how); writes
+# validation, and the four predictors on one CT and a folder, in-process and as whole commands (benchmarks/gpu_check.py
+# says how); writes
 # DIR/gpu_check.json and prints a table. On a GPU machine without nnU-Net (docs/benchmarks.md): wheels carried in .whl/
 # (benchmarks/gpu_wheels.sh downloads them) are installed into /tmp/site first where nnU-Net is missing.
 # --smoke: CPU, tiny data.

@@ -5,15 +5,20 @@ and why no public hook does the job; tests/test_nnunet_adapters.py checks each r
 nnU-Net, so an upgrade that changes one fails a named test instead of misbehaving. Nothing here runs on import:
 every replacement is installed by an explicit call, for as long as the caller needs it.
 """
+import os
+import re
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
+import nnunetv2
 import nnunetv2.run.run_training as nnunet_run_training
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+import nnunetv2.utilities.find_objects as nnunet_find_objects
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -56,6 +61,55 @@ def final_validation_with(trainer, predictor_class: type) -> Iterator[CaseCursor
     finally:
         nnunet_trainer_module.nnUNetPredictor = original
         trainer.dataset_class = base
+
+
+NNUNET_TRAINER_FOLDER = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
+
+
+@lru_cache(maxsize=None)
+def nnunet_trainer_folder_may_hold(name: str) -> bool:
+    """Whether a module of nnU-Net's own trainer folder could have an attribute `name`: a Python module gets one
+    only by naming it (a class, a function, an import), so False when no source file there contains the word;
+    True when one does, or when the folder holds a module that is not Python source (then nobody can tell)."""
+    word = re.compile(rf"\b{re.escape(name)}\b")
+    for folder, subfolders, files in os.walk(NNUNET_TRAINER_FOLDER):
+        subfolders[:] = [d for d in subfolders if d != "__pycache__"]
+        for f in files:
+            if f.endswith((".so", ".pyd", ".pyc")):
+                return True
+            if f.endswith(".py"):
+                with open(os.path.join(folder, f), encoding="utf-8", errors="replace") as source:
+                    if word.search(source.read()):
+                        return True
+    return False
+
+
+@contextmanager
+def trainer_lookup_past_nnunet_folder() -> Iterator[None]:
+    """While open, nnU-Net's trainer lookup goes straight to the `nnUNet_extTrainer` folders for a trainer name that
+    nnU-Net's own trainer folder cannot hold (`nnunet_trainer_folder_may_hold`), which is where it goes when its
+    search of that folder finds nothing: the class found is the one nnU-Net finds.
+
+    Why: that search imports every module of the folder to look for the name (all of nnU-Net's trainer variants,
+    and with them timm, torchvision and huggingface_hub, some 670 modules), and for a GF-Screen trainer it can only
+    come back empty; a prediction command paid for it in start-up time and memory.
+
+    Relies on: `find_objects.recursive_find_trainer_class_by_name` (which `initialize_from_trained_model_folder`
+    calls) searches by calling `recursive_find_python_class`, the name its module imported, first on nnU-Net's
+    trainer folder, then, when that returns None, on each nnUNet_extTrainer folder."""
+    original = nnunet_find_objects.recursive_find_python_class
+
+    def search(folder, class_name, *args, **kwargs):
+        if os.path.abspath(folder) == os.path.abspath(NNUNET_TRAINER_FOLDER) and \
+                not nnunet_trainer_folder_may_hold(class_name):
+            return None
+        return original(folder, class_name, *args, **kwargs)
+
+    nnunet_find_objects.recursive_find_python_class = search
+    try:
+        yield
+    finally:
+        nnunet_find_objects.recursive_find_python_class = original
 
 
 class PredictorHooks(nnUNetPredictor):

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 # not carried to the GPU machine (benchmarks/gpu_wheels.sh): blocked so that the check cannot depend on them
 NOT_CARRIED = ("SimpleITK", "imagecodecs", "yacs", "graphviz", "future", "unittest2", "pydantic")
@@ -31,7 +34,8 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
     r = json.loads((out / "gpu_check.json").read_text())
 
     assert r["profile"] == "smoke" and r["plans"]["patch_size"] == [16, 32, 32]
-    assert set(r["stages"]) == {"data_seconds", "plan_seconds", "train_seconds", "inference_seconds", "total_seconds"}
+    assert set(r["stages"]) == {"data_seconds", "plan_seconds", "train_seconds", "inference_seconds",
+                                "commands_seconds", "total_seconds"}
     for trainer in ("nnUNetTrainer_GPUCheck", "GFScreenTrainer_GPUCheck"):
         t = r["training"][trainer]
         assert len(t["epochs"]) == 2 and t["seconds_per_iteration"] > 0 and t["epoch_seconds_extrapolated"] > 0
@@ -57,6 +61,28 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
         masks = list((out / "work" / f"folder_{name.replace(' ', '_')}").glob("*.nii.gz"))
         assert len(masks) == 2, name
     assert all(v is not None and v > 0 for v in inf["speedups"].values())
+
+    # the whole commands (bench_commands.py's table), each a fresh process, on the 2 test cases
+    c = r["commands"]
+    assert c["skipped"] == [] and c["cases"] == 2
+    assert sorted((row["key"], row["tta"]) for row in c["rows"]) == sorted((k, t) for k in "abcd" for t in (False, True))
+    n_voxels = sum(np.asarray(nibabel.load(str(m)).dataobj).size
+                   for m in (out / "work" / "commands" / "a_tta0").glob("*.nii.gz"))
+    assert n_voxels > 0
+    for row in c["rows"]:
+        assert row["wall_seconds"] > row["startup_seconds"] > 0 and row["model_loading_seconds"] > 0
+        assert row["peak_rss_mib"] > 0 and row["peak_gpu_memory_gib"] is None and row["speedup_vs_a"] > 0
+        assert row["phases"]["case_total"] > 0   # (a), (b) in-process, (c), (d) from the reports
+        if row["key"] == "d":  # the same Focus on the same tiles: equal masks, up to the float rounding of another
+            # batch composition, which flips a voxel here and there where this two-epoch Focus sits at a tie
+            assert row["label_voxels_differing_from_a"] <= 1e-3 * n_voxels and row["selection_ratio"] == 1.0
+        elif row["key"] in "bc":
+            assert 0.05 <= row["selection_ratio"] <= 0.5, row   # the forced threshold (and for (c) the floor)
+    assert "| (c) nnUNetv2_predict_gfscreen (gated) | on |" in c["table"]
+    for key in "abcd":
+        assert len(list((out / "work" / "commands" / f"{key}_tta1").glob("*.nii.gz"))) == 2, key
+
     assert set(r["verdict"]) == {"epoch_time_ratio", "epoch_time_ok", "one_case_tta_speedup", "one_case_ok",
-                                 "folder_speedup", "folder_ok", "recompilations_after_warmup", "recompilation_ok"}
-    assert r["table"] in proc.stdout and "targets:" in r["table"]
+                                 "folder_speedup", "folder_ok", "command_tta_speedup", "command_ok",
+                                 "recompilations_after_warmup", "recompilation_ok"}
+    assert r["table"] in proc.stdout and "targets:" in r["table"] and c["table"] in r["table"]

@@ -91,3 +91,46 @@ def test_no_module_outside_the_adapters_touches_nnunet_internals():
                             root.id.startswith("nnunet") and root.id != "nnunet_adapters":
                         offenders.append(f"{path.relative_to(REPO)}: assigns {ast.unparse(target)}")
     assert not offenders, offenders
+
+
+def test_trainer_lookup_searches_nnunet_folder_then_ext_folders_through_the_module_name():
+    import nnunetv2.utilities.find_objects as find_objects
+    from nnunetv2_gfscreen.nnunet_adapters import NNUNET_TRAINER_FOLDER
+    src = _src(find_objects.recursive_find_trainer_class_by_name)
+    first, ext = src.index("recursive_find_python_class("), src.index("nnUNet_extTrainer.get()")
+    assert first < ext and "if nnunet_trainer is None:" in src[first:ext] and hasattr(find_objects,
+                                                                                     "recursive_find_python_class")
+    assert src.count("recursive_find_python_class(") == 2 and Path(NNUNET_TRAINER_FOLDER).is_dir()
+    assert "recursive_find_trainer_class_by_name(trainer_name)" in _src(nnUNetPredictor.initialize_from_trained_model_folder)
+
+
+def test_trainer_lookup_past_nnunet_folder_finds_the_class_nnunet_finds():
+    import nnunetv2.utilities.find_objects as find_objects
+    from nnunetv2_gfscreen.nnunet_adapters import nnunet_trainer_folder_may_hold, trainer_lookup_past_nnunet_folder
+    assert nnunet_trainer_folder_may_hold("nnUNetTrainer_5epochs") and nnunet_trainer_folder_may_hold("nnUNetTrainer")
+    assert not nnunet_trainer_folder_may_hold("GFScreenTrainer") and not nnunet_trainer_folder_may_hold("nnUNetTrain")
+    original = find_objects.recursive_find_python_class
+    for name in ("GFScreenTrainer", "GFScreenTrainer_DemoLong", "nnUNetTrainer_5epochs"):  # product, lab, nnU-Net's
+        with trainer_lookup_past_nnunet_folder():
+            found = find_objects.recursive_find_trainer_class_by_name(name)
+        assert found is find_objects.recursive_find_trainer_class_by_name(name) and found.__name__ == name
+    with pytest.raises(RuntimeError, match="Could not find"), trainer_lookup_past_nnunet_folder():
+        find_objects.recursive_find_trainer_class_by_name("GFScreenTrainer_NoSuchVariant")
+    assert find_objects.recursive_find_python_class is original
+
+
+def test_gfscreen_model_loads_without_importing_nnunet_trainer_variants():
+    """A fresh interpreter (this one has imported them already): the shipped model of a lab trainer loads, and no
+    module of nnU-Net's trainer variants (nor timm, which Primus imports) came with it."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from nnunetv2_gfscreen.predictors.gfscreen_predictor import GFScreenPredictor; "
+            "p = GFScreenPredictor(device=torch.device('cpu'), allow_tqdm=False); "
+            f"p.initialize_from_trained_model_folder({str(REPO / 'gfscreen_lab' / 'demo_model' / 'GFScreenTrainer_DemoLong__nnUNetPlans__3d_fullres_gfscreen')!r}, (0,)); "
+            "print(p.trainer_name, sorted(m for m in sys.modules if m.startswith(('nnunetv2.training.nnUNetTrainer.variants', "
+            "'nnunetv2.training.nnUNetTrainer.primus', 'timm'))))")
+    import os
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "GFScreenTrainer_DemoLong []"

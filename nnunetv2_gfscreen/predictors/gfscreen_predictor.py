@@ -24,7 +24,7 @@ from nnunetv2_gfscreen.atomic import partial_name
 from nnunetv2_gfscreen.core.gate import Gate, GateRule
 from nnunetv2_gfscreen.core.gated_window import GatedSlidingWindowMixin
 from nnunetv2_gfscreen.core.records import Box
-from nnunetv2_gfscreen.nnunet_adapters import PredictorHooks
+from nnunetv2_gfscreen.nnunet_adapters import PredictorHooks, trainer_lookup_past_nnunet_folder
 from nnunetv2_gfscreen.predictors.probabilities import export_with_probabilities
 from nnunetv2_gfscreen.torch_io.export import export_logits_torch
 from nnunetv2_gfscreen.torch_io.preprocessing import preprocess_case_torch
@@ -89,6 +89,14 @@ class GFScreenPredictor(GatedSlidingWindowMixin, PredictorHooks):
         self._init_gated_window(threshold, dense, tile_batch_size, glance_batch_size, border_growth, score_dense, rule)
 
     # ------------------------------------------------------------------ configuration
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = 'checkpoint_final.pth'):
+        """nnU-Net's loader, whose trainer lookup goes straight to the nnUNet_extTrainer folders for a trainer that
+        nnU-Net's own folder cannot hold (`nnunet_adapters.trainer_lookup_past_nnunet_folder`): the same class,
+        without importing all of nnU-Net's trainer variants first."""
+        with trainer_lookup_past_nnunet_folder():
+            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+
     @property
     def use_torch_io(self) -> bool:
         """Whether preprocess_case/export_case use the torch implementations (see `torch_io`)."""
