@@ -19,6 +19,7 @@ from nnunetv2_gfscreen.core.case_report import CaseReport
 from nnunetv2_gfscreen.core.coverage import (CENTRAL_MARGIN, case_coverage, central_boxes, operating_curve,
                                              threshold_for_target)
 from nnunetv2_gfscreen.core.lesions import SIZE_BIN_KEYS, SIZE_BINS, size_bin
+from nnunetv2_gfscreen.plans.settings import GFScreenSettings
 
 
 @dataclass
@@ -84,7 +85,8 @@ def random_gate_coverage(lesion: np.ndarray, boxes: np.ndarray, n_selected: int,
             "lesions_covered": float(np.mean(lesions)), "lesions_covered_by_bin": np.mean(per_bin, 0).tolist()}
 
 
-def gate_figures(cases: Sequence[GateCase], target: float = 0.98, random_repeats: int = 100) -> dict:
+def gate_figures(cases: Sequence[GateCase], target: float = GFScreenSettings.target_lesion_sensitivity,
+                 random_repeats: int = 100) -> dict:
     """Pooled gate figures of test cases.
 
     - tile_auc: Glance scores vs "the tile holds a lesion voxel" (slivers at a tile's edge count);
