@@ -75,8 +75,8 @@ def run_demo(root: Path, settings: DemoSettings, device: str = "cpu", train: boo
     notes = [f"{settings.num_test} synthetic test cases of {list(settings.shape)} voxels (seed {settings.seed}), "
              f"lesions raised by {settings.lesion_boost_hu:g} HU (conspicuous: a CPU cannot train long enough for "
              f"realistic ones); model {settings.trainer}, fold 0, {origin}.",
-             f"Gate threshold calibrated at the end of training on the fold's validation cases to lesion-level "
-             f"sensitivity {settings.target_sensitivity}.", *calibration_lines(calibration),
+             f"Gate rule calibrated at the end of training on the fold's validation cases, aiming at lesion-level "
+             f"sensitivity {settings.target_sensitivity}; what those cases certify:", *calibration_lines(calibration),
              *(f"Target {name}: {verdict(t['met'])} ({t['value']})" for name, t in targets.items()),
              "The comparison table's selection ratio is the mean of the cases' ratios; the gate table pools all tiles.",
              "Seconds per case: read, preprocess, sliding window, export and write of one case, cases predicted "
